@@ -1,0 +1,80 @@
+"""The one attention function for mlxkv caches: softmax(q k^T) v over packed segments.
+
+Scores and outputs are computed on each segment as stored (``mx.quantized_matmul`` on
+packed data), never on a dequantized copy of the cache; one softmax spans all segments.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from mlxkv.attention.view import KVView, Mask
+from mlxkv.caches.storage import DenseStore
+
+
+def _as_bool_mask(mask: Mask, q_len: int, k_len: int) -> mx.array | None:
+    if mask is None or isinstance(mask, mx.array):
+        return mask
+    if mask == "causal":
+        return mx.arange(k_len)[None, :] <= mx.arange(k_len - q_len, k_len)[:, None]
+    raise ValueError(f"unknown mask {mask!r}")
+
+
+def attend(
+    queries: mx.array,
+    view: KVView,
+    scale: float,
+    sinks: mx.array | None = None,
+) -> mx.array:
+    """Attention of ``queries`` [B, Hq, L, D] over the view's segments (GQA included).
+
+    ``sinks``: learned per-head logits that join the softmax denominator (gpt-oss).
+    """
+    segments = view.segments
+    only = segments[0]
+    if (
+        len(segments) == 1
+        and type(only.key_store) is DenseStore
+        and type(only.value_store) is DenseStore
+    ):
+        return mx.fast.scaled_dot_product_attention(
+            queries, only.keys[0], only.values[0], scale=scale, mask=only.mask, sinks=sinks
+        )
+
+    B, n_q_heads, L, D = queries.shape
+    n_kv_heads = only.keys[0].shape[1]
+    n_rep = n_q_heads // n_kv_heads
+    q = queries * scale
+    if n_rep > 1:
+        q = q.reshape(B, n_kv_heads, n_rep, L, D)
+
+    def per_head(parts):
+        return tuple(mx.expand_dims(p, 2) for p in parts) if n_rep > 1 else parts
+
+    scores = []
+    for seg in segments:
+        s = seg.key_store.matmul(q, per_head(seg.keys), transpose=True)
+        mask = _as_bool_mask(seg.mask, L, seg.length)
+        if mask is not None:
+            s = mx.where(mask, s, mx.finfo(s.dtype).min)
+        scores.append(s)
+    scores = mx.concatenate(scores, axis=-1) if len(scores) > 1 else scores[0]
+
+    if sinks is not None:
+        sink_logits = sinks.astype(scores.dtype).reshape(scores.shape[1:-2] + (1, 1))
+        sink_logits = mx.broadcast_to(sink_logits, scores.shape[:-1] + (1,))
+        weights = mx.softmax(mx.concatenate([sink_logits, scores], axis=-1), axis=-1, precise=True)
+        weights = weights[..., 1:]
+    else:
+        weights = mx.softmax(scores, axis=-1, precise=True)
+
+    out = None
+    start = 0
+    for seg in segments:
+        w = weights[..., start : start + seg.length]
+        start += seg.length
+        part = seg.value_store.matmul(w, per_head(seg.values), transpose=False)
+        out = part if out is None else out + part
+    if n_rep > 1:
+        out = out.reshape(B, n_q_heads, L, -1)
+    return out.astype(queries.dtype)

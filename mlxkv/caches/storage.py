@@ -1,0 +1,163 @@
+"""Storage: how one tensor's tokens (keys or values, all heads) are encoded and grown.
+
+A store is a row of token slots, ``[batch, heads, slots, dim]`` in some encoding. It knows
+how to encode tokens, grow its buffers, and multiply a query (or attention weights) with
+its packed contents. It does not know which token sits in which slot: that is the policy's
+business (``mlxkv.caches.policy``), so every storage composes with every policy.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlx.core as mx
+
+Parts = tuple[mx.array, ...]
+
+
+class TensorStore:
+    """Slots of one tensor, grown in steps of ``step`` tokens up to ``max_slots``."""
+
+    step = 256
+    lossy = False
+
+    def __init__(self, max_slots: int | None = None) -> None:
+        self.max_slots = max_slots
+        self.parts: Parts | None = None
+
+    # -- encoding: the only part subclasses define ------------------------------
+    def encode(self, x: mx.array) -> Parts:
+        raise NotImplementedError
+
+    def decode(self, parts: Parts) -> mx.array:
+        """Back to float32: for conversions and for reference checks, never for attention."""
+        raise NotImplementedError
+
+    def matmul(self, x: mx.array, parts: Parts, transpose: bool) -> mx.array:
+        """``x @ stored.T`` (scores, transpose=True) or ``x @ stored`` (outputs), on the encoding."""
+        raise NotImplementedError
+
+    def params(self) -> dict[str, Any]:
+        """What it takes to rebuild an empty store of this kind (saved with prompt caches)."""
+        return {"max_slots": self.max_slots}
+
+    # -- buffers, shared by every encoding -----------------------------------------
+    @property
+    def capacity(self) -> int:
+        return 0 if self.parts is None else self.parts[0].shape[2]
+
+    def _reserve(self, slots: int, encoded: Parts) -> None:
+        """Grow every part to hold ``slots`` tokens, in whole steps, never past max_slots."""
+        if slots <= self.capacity:
+            return
+        target = -(-slots // self.step) * self.step
+        if self.max_slots is not None:
+            target = min(max(target, slots), self.max_slots)
+        grow = target - self.capacity
+
+        def zeros(like: mx.array) -> mx.array:
+            return mx.zeros((*like.shape[:2], grow, like.shape[-1]), dtype=like.dtype)
+
+        if self.parts is None:
+            self.parts = tuple(zeros(e) for e in encoded)
+        else:
+            self.parts = tuple(mx.concatenate([p, zeros(p)], axis=2) for p in self.parts)
+
+    def write(self, slot: int, x: mx.array) -> None:
+        """Encode ``x`` ([B, H, n, D]) into slots ``slot .. slot+n`` (in place when possible)."""
+        encoded = self.encode(x)
+        end = slot + x.shape[2]
+        self._reserve(end, encoded)
+        for part, enc in zip(self.parts, encoded):
+            part[..., slot:end, :] = enc
+
+    def read(self, n: int, snapshot: bool = False) -> Parts:
+        """The first ``n`` slots, packed as stored. ``snapshot``: unaffected by later writes
+        (a write updates the buffer arrays in place; a slice keeps the values it was taken of)."""
+        if n == self.capacity and not snapshot:
+            return self.parts
+        return tuple(p[..., :n, :] for p in self.parts)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes allocated (capacity, not only the filled slots): what memory really holds."""
+        return 0 if self.parts is None else sum(p.nbytes for p in self.parts)
+
+    def bits_per_element(self, head_dim: int) -> float:
+        """Stored bits per element, scales and biases included."""
+        if self.parts is None:
+            raise ValueError("empty store")
+        return 8 * sum(p.dtype.size * p.shape[-1] for p in self.parts) / head_dim
+
+
+class DenseStore(TensorStore):
+    """Plain arrays in the dtype the model computes in (lossless)."""
+
+    def encode(self, x: mx.array) -> Parts:
+        return (x,)
+
+    def decode(self, parts: Parts) -> mx.array:
+        return parts[0].astype(mx.float32)
+
+    def matmul(self, x: mx.array, parts: Parts, transpose: bool) -> mx.array:
+        y = parts[0]
+        return x @ (y.swapaxes(-1, -2) if transpose else y)
+
+
+class AffineStore(TensorStore):
+    """Group-wise affine quantization (``mx.quantize``): ``bits`` per element plus a 16-bit
+    scale and bias per ``group_size`` elements, e.g. 4-bit g64 = 4.5 bits per element.
+
+    Scales and biases stay 16-bit even when the model computes in float32 (on a CPU
+    device), so a cache takes the same bytes everywhere; ``mx.quantized_matmul`` takes
+    float32 inputs with float16 scales at the same speed.
+    """
+
+    lossy = True
+
+    def __init__(self, bits: int, group_size: int, max_slots: int | None = None) -> None:
+        super().__init__(max_slots)
+        self.bits = bits
+        self.group_size = group_size
+
+    def params(self) -> dict[str, Any]:
+        return {**super().params(), "bits": self.bits, "group_size": self.group_size}
+
+    def encode(self, x: mx.array) -> Parts:
+        w, scales, biases = mx.quantize(x, group_size=self.group_size, bits=self.bits)
+        scale_dtype = x.dtype if x.dtype in (mx.float16, mx.bfloat16) else mx.float16
+        return w, scales.astype(scale_dtype), biases.astype(scale_dtype)
+
+    def decode(self, parts: Parts) -> mx.array:
+        w, scales, biases = parts
+        return mx.dequantize(
+            w, scales.astype(mx.float32), biases.astype(mx.float32),
+            group_size=self.group_size, bits=self.bits,
+        )
+
+    def matmul(self, x: mx.array, parts: Parts, transpose: bool) -> mx.array:
+        return mx.quantized_matmul(
+            x, *parts, transpose=transpose, group_size=self.group_size, bits=self.bits
+        )
+
+
+def make_store(bits: int | None, group_size: int, max_slots: int | None = None) -> TensorStore:
+    """The store for one tensor: dense when ``bits`` is None, else affine."""
+    if bits is None:
+        return DenseStore(max_slots)
+    return AffineStore(bits, group_size, max_slots)
+
+
+def store_from_params(kind: str, params: dict[str, Any]) -> TensorStore:
+    """Rebuild an empty store from ``type(store).__name__`` and ``store.params()``."""
+    kinds = {cls.__name__: cls for cls in (DenseStore, AffineStore)}
+    if kind not in kinds:
+        raise ValueError(f"unknown store kind {kind!r} in a saved cache")
+    return kinds[kind](**params)
+
+
+def convert_store(source: TensorStore, target: TensorStore) -> TensorStore:
+    """Re-encode every slot of ``source`` into ``target`` (e.g. dense -> 4-bit), in one go."""
+    if source.parts is not None:
+        target.parts = target.encode(source.decode(source.parts))
+    return target

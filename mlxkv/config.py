@@ -1,0 +1,189 @@
+"""KVConfig: what a KV cache stores (precision) and what it keeps (policy), as one value.
+
+The fields mirror mlx-lm's flags where they overlap (``--kv-bits``, ``--kv-group-size``,
+``--max-kv-size``, ``--quantized-kv-start``) so users can move between the two tools.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from mlxkv.errors import UserError
+
+SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
+SUPPORTED_GROUP_SIZES = (32, 64, 128)
+BACKENDS = ("mlxkv", "mlx-lm")
+
+DEFAULT_RESIDUAL = 32
+"""Recent tokens kept in 16-bit floats beside the packed store. Measured on SmolLM2-135M
+(1,024 tokens, 16-token chunks, 4-bit g32): KL divergence 0.10 with none, 0.015 with 32;
+it costs 32 x 16 bits per channel, bounded whatever the context (see QUALITY.md)."""
+
+
+@dataclass(frozen=True)
+class KVConfig:
+    """How each attention layer's KV cache stores and keeps tokens.
+
+    bits: None keeps full precision (the model's dtype); else affine bits per element.
+    k_bits / v_bits: override ``bits`` for keys or values alone (K8V4 = k_bits=8, v_bits=4);
+        0 forces full precision for that tensor.
+    group_size: elements sharing one scale and bias (2 x 16 bits per group).
+    max_kv: None keeps every token; else a bounded window of ``max_kv`` tokens: the first
+        ``sinks`` tokens plus the most recent ones (StreamingLLM).
+    quantized_kv_start: stay full precision until the cache holds this many tokens.
+    residual: the most recent tokens kept in 16-bit beside the packed store (quantized
+        configs only), flushed into the packed store as newer tokens arrive.
+    backend: "mlxkv" (ours) or "mlx-lm" (mlx-lm's own caches, as a baseline).
+    """
+
+    bits: int | None = None
+    group_size: int = 64
+    k_bits: int | None = None
+    v_bits: int | None = None
+    max_kv: int | None = None
+    sinks: int = 4
+    quantized_kv_start: int = 0
+    residual: int = DEFAULT_RESIDUAL
+    backend: str = "mlxkv"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # -- derived -------------------------------------------------------------
+    @property
+    def key_bits(self) -> int | None:
+        """Bits for keys, None for full precision."""
+        return _resolve(self.k_bits, self.bits)
+
+    @property
+    def value_bits(self) -> int | None:
+        """Bits for values, None for full precision."""
+        return _resolve(self.v_bits, self.bits)
+
+    @property
+    def quantized(self) -> bool:
+        return self.key_bits is not None or self.value_bits is not None
+
+    @property
+    def effective_residual(self) -> int:
+        """The residual only exists next to a packed store."""
+        return self.residual if (self.quantized and self.backend == "mlxkv") else 0
+
+    def replace(self, **changes: Any) -> "KVConfig":
+        return dataclasses.replace(self, **changes)
+
+    def describe(self) -> str:
+        """A short human label, e.g. 'K8V4 g64 res32, window 4+1020'."""
+        if self.backend == "mlx-lm":
+            base = "mlx-lm " + (f"{self.bits}-bit g{self.group_size}" if self.bits else "full precision")
+        elif not self.quantized:
+            base = "full precision"
+        else:
+            kb, vb = self.key_bits, self.value_bits
+            prec = f"{kb}-bit" if kb == vb else f"K{kb or 16}V{vb or 16}"
+            base = f"{prec} g{self.group_size}"
+            if self.effective_residual:
+                base += f" res{self.effective_residual}"
+            if self.quantized_kv_start:
+                base += f" from token {self.quantized_kv_start}"
+        if self.max_kv is not None:
+            base += f", window {self.sinks}+{self.max_kv - self.sinks}"
+        return base
+
+    # -- checks --------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise UserError for combinations no cache can hold."""
+        if self.backend not in BACKENDS:
+            raise UserError(f"unknown KV backend {self.backend!r}; use one of {', '.join(BACKENDS)}")
+        for name in ("bits", "k_bits", "v_bits"):
+            value = getattr(self, name)
+            allowed = SUPPORTED_BITS if name == "bits" else (0, *SUPPORTED_BITS)
+            if value is not None and value not in allowed:
+                raise UserError(
+                    f"{name}={value} is not supported; use one of {', '.join(map(str, SUPPORTED_BITS))}"
+                    " (or leave it unset for full precision)"
+                )
+        if self.group_size not in SUPPORTED_GROUP_SIZES:
+            raise UserError(
+                f"group size {self.group_size} is not supported; use one of "
+                f"{', '.join(map(str, SUPPORTED_GROUP_SIZES))}"
+            )
+        for name in ("sinks", "quantized_kv_start", "residual"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_kv is not None:
+            if self.max_kv <= 0:
+                raise UserError(f"max_kv must be a positive number of tokens, got {self.max_kv}")
+            if self.sinks >= self.max_kv:
+                raise UserError(
+                    f"the window (max_kv={self.max_kv}) must be larger than the sinks ({self.sinks}); "
+                    "raise max_kv or lower sinks"
+                )
+            if self.effective_residual >= self.max_kv - self.sinks:
+                raise UserError(
+                    f"residual={self.residual} must be smaller than the window's recent part "
+                    f"(max_kv - sinks = {self.max_kv - self.sinks}); raise max_kv or lower residual"
+                )
+        if self.backend == "mlx-lm":
+            if self.k_bits is not None or self.v_bits is not None:
+                raise UserError("mlx-lm's QuantizedKVCache uses one bit width for keys and values")
+            if self.bits is not None and self.max_kv is not None:
+                raise UserError(
+                    "mlx-lm's QuantizedKVCache cannot rotate; use an mlxkv config for a quantized window"
+                )
+
+    def check_head_dim(self, head_dim: int) -> None:
+        """Group-wise quantization needs groups that tile the head dimension."""
+        if not self.quantized or head_dim % self.group_size == 0:
+            return
+        fitting = [g for g in SUPPORTED_GROUP_SIZES if head_dim % g == 0]
+        hint = f"use --kv-group-size {max(fitting)}" if fitting else "this model needs a full-precision cache"
+        raise UserError(
+            f"group size {self.group_size} does not divide the model's head_dim {head_dim}; {hint}"
+        )
+
+    # -- names ---------------------------------------------------------------
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> "KVConfig":
+        """A named configuration (see ``names()``), with field overrides."""
+        key = name.strip().lower()
+        if key not in NAMED_CONFIGS:
+            raise UserError(f"unknown KV config {name!r}; known: {', '.join(cls.names())}")
+        fields = {**NAMED_CONFIGS[key][0], **overrides}
+        return cls(**fields)
+
+    @classmethod
+    def names(cls) -> list[str]:
+        """Every named configuration, baselines included."""
+        return list(NAMED_CONFIGS)
+
+    @classmethod
+    def help_table(cls) -> str:
+        return "\n".join(f"  {name:<12} {desc}" for name, (_, desc) in NAMED_CONFIGS.items())
+
+
+def _resolve(specific: int | None, general: int | None) -> int | None:
+    if specific is None:
+        return general
+    return specific or None  # 0 means full precision
+
+
+NAMED_CONFIGS: dict[str, tuple[dict[str, Any], str]] = {
+    "fp16": ({}, "full-precision cache (the model's dtype; float32 on a CPU device)"),
+    "q8": ({"bits": 8}, "8-bit keys and values, group 64, 16-bit residual window"),
+    "q6": ({"bits": 6}, "6-bit keys and values, group 64, 16-bit residual window"),
+    "q5": ({"bits": 5}, "5-bit keys and values, group 64, 16-bit residual window"),
+    "q4": ({"bits": 4}, "4-bit keys and values, group 64, 16-bit residual window"),
+    "q3": ({"bits": 3}, "3-bit keys and values, group 64, 16-bit residual window"),
+    "q2": ({"bits": 2}, "2-bit keys and values, group 64, 16-bit residual window"),
+    "k8v4": ({"k_bits": 8, "v_bits": 4}, "8-bit keys, 4-bit values (keys are the sensitive half)"),
+    "k4v2": ({"k_bits": 4, "v_bits": 2}, "4-bit keys, 2-bit values"),
+    "q8-nores": ({"bits": 8, "residual": 0}, "8-bit, every token packed (no residual window)"),
+    "q4-nores": ({"bits": 4, "residual": 0}, "4-bit, every token packed (no residual window)"),
+    "mlxlm-fp16": ({"backend": "mlx-lm"}, "baseline: mlx-lm's KVCache"),
+    "mlxlm-q8": ({"backend": "mlx-lm", "bits": 8}, "baseline: mlx-lm's QuantizedKVCache, 8-bit g64"),
+    "mlxlm-q4": ({"backend": "mlx-lm", "bits": 4}, "baseline: mlx-lm's QuantizedKVCache, 4-bit g64"),
+    "mlxlm-q2": ({"backend": "mlx-lm", "bits": 2}, "baseline: mlx-lm's QuantizedKVCache, 2-bit g64"),
+}

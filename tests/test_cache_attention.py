@@ -1,0 +1,172 @@
+"""Our caches + attention against an independent reference: fp32 attention over the tokens a
+cache should hold, each token either fake-quantized (if it was flushed to the packed store
+before the step) or exact, with visibility decided by positions (causal, sinks, window)."""
+
+from __future__ import annotations
+
+import itertools
+
+import mlx.core as mx
+import pytest
+
+from mlxkv.attention import attend
+from mlxkv.caches import QuantizedCache, SinkWindowCache
+from mlxkv.config import KVConfig
+
+
+def fake_quant(x: mx.array, bits: int | None, group_size: int) -> mx.array:
+    """Quantize-dequantize with 16-bit scales, the reference for what the store holds."""
+    if bits is None:
+        return x
+    w, s, b = mx.quantize(x, group_size=group_size, bits=bits)
+    s = s.astype(mx.float16).astype(mx.float32)
+    b = b.astype(mx.float16).astype(mx.float32)
+    return mx.dequantize(w, s, b, group_size=group_size, bits=bits)
+
+
+def reference_attention(q, keys, values, q_pos, k_pos, visible_fn, scale):
+    """Plain fp32 attention with heads repeated explicitly (GQA) and a positional mask."""
+    n_rep = q.shape[1] // keys.shape[1]
+    keys = mx.repeat(keys, n_rep, axis=1)
+    values = mx.repeat(values, n_rep, axis=1)
+    scores = (q * scale) @ keys.swapaxes(-1, -2)
+    mask = visible_fn(q_pos[:, None], k_pos[None, :])
+    scores = mx.where(mask, scores, -1e30)
+    return mx.softmax(scores, axis=-1) @ values
+
+
+def f16_exact(shape, key):
+    """Random data exactly representable in float16 (the residual tier is 16-bit)."""
+    return mx.random.normal(shape, key=key).astype(mx.float16).astype(mx.float32)
+
+
+def run_against_reference(cache, cfg, chunks, n_q_heads, n_kv_heads, head_dim, visible_fn, residual):
+    """Feed ``chunks`` (sizes) through ``cache``; compare every step with the reference."""
+    key = mx.random.key(0)
+    all_k, all_v = [], []
+    offset = 0
+    worst = 0.0
+    for step, n in enumerate(chunks):
+        k1, k2, k3, key = mx.random.split(key, 4)
+        k = f16_exact((1, n_kv_heads, n, head_dim), k1)
+        v = f16_exact((1, n_kv_heads, n, head_dim), k2)
+        q = mx.random.normal((1, n_q_heads, n, head_dim), key=k3)
+        view, _ = cache.update_and_fetch(k, v)
+        out = attend(q, view, scale=head_dim**-0.5)
+
+        # What the cache should hold: tokens older than the residual tier are packed.
+        packed_before = max(0, offset - residual) if cfg.quantized else 0
+        ref_k = [fake_quant(t, cfg.key_bits, cfg.group_size) if i < packed_before else t for i, t in enumerate(all_k)]
+        ref_v = [fake_quant(t, cfg.value_bits, cfg.group_size) if i < packed_before else t for i, t in enumerate(all_v)]
+        ref_k += [k[..., i : i + 1, :] for i in range(n)]
+        ref_v += [v[..., i : i + 1, :] for i in range(n)]
+        all_k += [k[..., i : i + 1, :] for i in range(n)]
+        all_v += [v[..., i : i + 1, :] for i in range(n)]
+        k_pos = mx.arange(offset + n)
+        q_pos = mx.arange(offset, offset + n)
+        ref = reference_attention(
+            q, mx.concatenate(ref_k, axis=2), mx.concatenate(ref_v, axis=2), q_pos, k_pos, visible_fn, head_dim**-0.5
+        )
+        err = mx.abs(out - ref).max().item()
+        worst = max(worst, err)
+        assert err < 2e-4, f"step {step} (chunk {n}, offset {offset}): max error {err}"
+        offset += n
+        assert cache.offset == offset
+    return worst
+
+
+def causal(q, k):
+    return k <= q
+
+
+BITS = [None, 2, 3, 4, 5, 6, 8]
+GROUPS = [32, 64, 128]
+GQA = [(4, 4), (6, 2)]
+
+
+@pytest.mark.parametrize("bits,group_size,heads", list(itertools.product(BITS, GROUPS, GQA)))
+def test_unbounded_cache_matches_reference(bits, group_size, heads):
+    n_q, n_kv = heads
+    head_dim = 128 if group_size == 128 else 64
+    cfg = KVConfig(bits=bits, group_size=group_size, residual=8)
+    cache = QuantizedCache(cfg)
+    # a prefill chunk, decode steps, a chunk longer than the residual, more decode
+    chunks = [13, 1, 1, 1, 20, 1, 1, 5, 1]
+    run_against_reference(cache, cfg, chunks, n_q, n_kv, head_dim, causal, cache.residual)
+
+
+@pytest.mark.parametrize("k_bits,v_bits", [(8, 4), (4, 2), (0, 4), (4, 0)])
+def test_keys_and_values_with_their_own_bits(k_bits, v_bits):
+    cfg = KVConfig(k_bits=k_bits, v_bits=v_bits, residual=4)
+    cache = QuantizedCache(cfg)
+    run_against_reference(cache, cfg, [9, 1, 1, 7, 1, 1], 4, 2, 64, causal, cache.residual)
+
+
+@pytest.mark.parametrize("residual", [0, 1, 16])
+def test_residual_sizes(residual):
+    cfg = KVConfig(bits=4, residual=residual)
+    cache = QuantizedCache(cfg)
+    run_against_reference(cache, cfg, [17, 1, 1, 1, 3, 1], 4, 2, 64, causal, cache.residual)
+
+
+def sink_window(sinks, window):
+    def visible(q, k):
+        return (k <= q) & ((k < sinks) | (q - k < window))
+
+    return visible
+
+
+@pytest.mark.parametrize("bits", [None, 8, 4, 2])
+@pytest.mark.parametrize("residual", [0, 4])
+def test_sink_window_matches_explicit_reference_across_many_wraps(bits, residual):
+    sinks, max_kv = 4, 24
+    cfg = KVConfig(bits=bits, max_kv=max_kv, sinks=sinks, residual=residual)
+    cache = SinkWindowCache(cfg)
+    # decode past several wraps, chunks that wrap, and a chunk longer than the window
+    chunks = [10] + [1] * 30 + [7, 1, 1, 33] + [1] * 25 + [5, 1]
+    run_against_reference(
+        cache, cfg, chunks, 6, 2, 64, sink_window(sinks, max_kv - sinks), cache.residual
+    )
+    assert cache.size() == max_kv
+
+
+def test_prompt_longer_than_window_in_one_chunk():
+    cfg = KVConfig(bits=4, max_kv=16, sinks=2, residual=2)
+    cache = SinkWindowCache(cfg)
+    run_against_reference(cache, cfg, [50, 1, 1, 40, 1], 4, 2, 64, sink_window(2, 14), cache.residual)
+
+
+def test_sliding_window_without_sinks():
+    cfg = KVConfig(bits=8, residual=2)
+    cache = SinkWindowCache(cfg, window=9, sinks=0)
+    run_against_reference(cache, cfg, [5, 1, 1, 12, 1, 1, 1, 1, 1, 1, 4], 4, 4, 64, sink_window(0, 9), cache.residual)
+
+
+def test_bounded_memory_for_endless_generation():
+    cfg = KVConfig(bits=4, max_kv=64, sinks=4, residual=8)
+    cache = SinkWindowCache(cfg)
+    k = mx.ones((1, 2, 1, 64))
+    sizes = {}
+    cache.update_and_fetch(mx.ones((1, 2, 10, 64)), mx.ones((1, 2, 10, 64)))
+    for step in range(1, 10 * 64 + 1):
+        view, _ = cache.update_and_fetch(k, k)
+        if step in (64, 640):
+            mx.eval(cache.state)
+            sizes[step] = cache.nbytes
+    assert sizes[64] == sizes[640]
+
+
+def test_quantized_kv_start_converts_mid_stream():
+    cfg = KVConfig(bits=4, quantized_kv_start=12, residual=4)
+    cache = QuantizedCache(cfg)
+    mx.random.seed(0)
+    cache.update_and_fetch(mx.random.normal((1, 2, 8, 64)), mx.random.normal((1, 2, 8, 64)))
+    assert not cache.key_store.lossy  # still full precision
+    for _ in range(4):
+        cache.update_and_fetch(mx.random.normal((1, 2, 1, 64)), mx.random.normal((1, 2, 1, 64)))
+    assert cache.offset == 12 and not cache.key_store.lossy
+    dense = cache.key_store.decode(cache.key_store.read(cache.flushed))
+    cache.update_and_fetch(mx.random.normal((1, 2, 1, 64)), mx.random.normal((1, 2, 1, 64)))
+    assert cache.key_store.lossy
+    converted = cache.key_store.decode(cache.key_store.read(8))
+    assert mx.allclose(converted, fake_quant(dense, 4, 64), atol=1e-6)
