@@ -57,3 +57,29 @@ def compute_dtype(model_dtype: mx.Dtype = mx.float16) -> mx.Dtype:
     """The dtype to compute in: float16/bfloat16 math on MLX's CPU backend is 20-40x
     slower than float32, so CPU devices use float32; GPUs keep the model's dtype."""
     return mx.float32 if is_cpu() else model_dtype
+
+
+def machine_info() -> dict[str, str]:
+    """Machine, chip, OS and library versions: recorded with every benchmark and eval result."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    def pkg(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    info = mx.device_info() if hasattr(mx, "device_info") else {}
+    chip = str(info.get("device_name") or info.get("architecture") or platform.processor() or "unknown")
+    return {
+        "machine": platform.machine(),
+        "chip": chip,
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "device": str(mx.default_device()),
+        "blas": blas_library or "mlx built-in",
+        "mlx": pkg("mlx"),
+        "mlx_lm": pkg("mlx-lm"),
+        "mlxkv": pkg("mlxkv"),
+    }

@@ -9,6 +9,9 @@ import sys
 # Sub-command name -> module under mlxkv.cli with add_parser(subparsers) and run(args) -> int.
 SUBCOMMANDS = {
     "generate": "generate",
+    "plan": "plan",
+    "bench": "bench",
+    "eval": "eval",
     "convert": "convert",
 }
 

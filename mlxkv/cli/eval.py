@@ -1,0 +1,14 @@
+"""mlxkv eval (placeholder: being written)."""
+
+import argparse
+
+from mlxkv.errors import UserError
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="(not yet available)")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    raise UserError("'mlxkv eval' is not available yet")
