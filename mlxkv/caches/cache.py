@@ -120,20 +120,20 @@ class ComposedCache:
         """The stored tokens with positions < hide_from, as seen by queries q_first.. ."""
         if flushed == 0 or self.key_store.parts is None:
             return None
-        q_pos = mx.arange(q_first, q_first + n_queries)
         slot_pos = self.policy.slot_positions(flushed)
         if slot_pos is None:  # KeepAll: slot i holds position i
             n_slots = min(flushed, hide_from)
             if n_slots == 0:
                 return None
-            if n_slots <= q_first:
+            if n_slots <= q_first + 1:  # every slot is at or before the first query
                 mask = None
             elif n_slots == q_first + n_queries:
                 mask = "causal"
             else:
-                mask = self.policy.visible(q_pos, mx.arange(n_slots))
+                mask = self.policy.visible(mx.arange(q_first, q_first + n_queries), mx.arange(n_slots))
         else:
             n_slots = slot_pos.shape[0]
+            q_pos = mx.arange(q_first, q_first + n_queries)
             mask = (slot_pos < hide_from)[None, :] & self.policy.visible(q_pos, slot_pos)
         return Segment(
             self.key_store.read(n_slots, snapshot), self.value_store.read(n_slots, snapshot),
