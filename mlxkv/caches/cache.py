@@ -207,10 +207,12 @@ class ComposedCache:
 
     @property
     def state(self) -> dict[str, Any]:
+        """Arrays of the filled slots only (a saved file holds no growth padding)."""
+        filled = min(self.flushed, self.key_store.capacity)
         return {
             "meta": self.meta_state,
-            "keys": list(self.key_store.parts or []),
-            "values": list(self.value_store.parts or []),
+            "keys": list(self.key_store.read(filled)) if filled else [],
+            "values": list(self.value_store.read(filled)) if filled else [],
             "recent_keys": self.recent_keys,
             "recent_values": self.recent_values,
         }
