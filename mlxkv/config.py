@@ -35,6 +35,8 @@ class KVConfig:
     quantized_kv_start: stay full precision until the cache holds this many tokens.
     residual: the most recent tokens kept in 16-bit beside the packed store (quantized
         configs only), flushed into the packed store as newer tokens arrive.
+    per_channel_keys: quantize keys per channel over groups of ``group_size`` tokens (KIVI)
+        instead of per token; the residual tier also holds the incomplete group.
     backend: "mlxkv" (ours) or "mlx-lm" (mlx-lm's own caches, as a baseline).
     """
 
@@ -46,6 +48,7 @@ class KVConfig:
     sinks: int = 4
     quantized_kv_start: int = 0
     residual: int = DEFAULT_RESIDUAL
+    per_channel_keys: bool = False
     backend: str = "mlxkv"
 
     def __post_init__(self) -> None:
@@ -84,6 +87,8 @@ class KVConfig:
             kb, vb = self.key_bits, self.value_bits
             prec = f"{kb}-bit" if kb == vb else f"K{kb or 16}V{vb or 16}"
             base = f"{prec} g{self.group_size}"
+            if self.per_channel_keys:
+                base += " per-channel K"
             if self.effective_residual:
                 base += f" res{self.effective_residual}"
             if self.quantized_kv_start:
@@ -126,7 +131,11 @@ class KVConfig:
                     f"residual={self.residual} must be smaller than the window's recent part "
                     f"(max_kv - sinks = {self.max_kv - self.sinks}); raise max_kv or lower residual"
                 )
+        if self.per_channel_keys and self.key_bits is None:
+            raise UserError("per-channel keys need quantized keys; set bits or k_bits")
         if self.backend == "mlx-lm":
+            if self.per_channel_keys:
+                raise UserError("mlx-lm's QuantizedKVCache quantizes keys per token only")
             if self.k_bits is not None or self.v_bits is not None:
                 raise UserError("mlx-lm's QuantizedKVCache uses one bit width for keys and values")
             if self.bits is not None and self.max_kv is not None:
@@ -187,3 +196,35 @@ NAMED_CONFIGS: dict[str, tuple[dict[str, Any], str]] = {
     "mlxlm-q4": ({"backend": "mlx-lm", "bits": 4}, "baseline: mlx-lm's QuantizedKVCache, 4-bit g64"),
     "mlxlm-q2": ({"backend": "mlx-lm", "bits": 2}, "baseline: mlx-lm's QuantizedKVCache, 2-bit g64"),
 }
+
+
+def parse_config_spec(spec: str) -> KVConfig:
+    """A named config with optional field overrides: ``"q4"``, ``"q4:residual=64"``,
+    ``"k8v4:group_size=32:residual=0"``. Colons separate overrides so that a comma-separated
+    list of specs stays readable on a command line; ``none`` sets a field to None."""
+    name, *assignments = (part.strip() for part in spec.strip().split(":"))
+    fields = {f.name: f for f in dataclasses.fields(KVConfig)}
+    overrides: dict[str, Any] = {}
+    for assignment in assignments:
+        key, sep, raw = assignment.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not raw.strip():
+            raise UserError(f"cannot read {assignment!r} in KV config {spec!r}; write FIELD=VALUE, e.g. q4:residual=64")
+        if key not in fields:
+            raise UserError(f"unknown KV config field {key!r} in {spec!r}; fields: {', '.join(fields)}")
+        overrides[key] = _parse_field_value(fields[key], raw.strip(), spec)
+    return KVConfig.from_name(name, **overrides)
+
+
+def _parse_field_value(field: dataclasses.Field, raw: str, spec: str) -> Any:
+    key = field.name
+    if key == "backend":
+        return raw
+    if raw.lower() == "none":
+        if "None" not in str(field.type):
+            raise UserError(f"{key} cannot be none in {spec!r}; give a whole number")
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise UserError(f"{key} must be a whole number (or none) in {spec!r}, got {raw!r}") from None

@@ -40,12 +40,18 @@ def f16_exact(shape, key):
     return mx.random.normal(shape, key=key).astype(mx.float16).astype(mx.float32)
 
 
+def fake_quant_channels(block: mx.array, bits: int, group_size: int) -> mx.array:
+    """Per-channel reference: one group of ``group_size`` tokens, quantized along tokens."""
+    return fake_quant(block.swapaxes(-1, -2), bits, group_size).swapaxes(-1, -2)
+
+
 def run_against_reference(cache, cfg, chunks, n_q_heads, n_kv_heads, head_dim, visible_fn, residual):
     """Feed ``chunks`` (sizes) through ``cache``; compare every step with the reference."""
     key = mx.random.key(0)
     all_k, all_v = [], []
-    offset = 0
-    worst = 0.0
+    offset = flushed = 0
+    per_channel = cfg.per_channel_keys and cfg.max_kv is None
+    unit = cfg.group_size if per_channel else 1
     for step, n in enumerate(chunks):
         k1, k2, k3, key = mx.random.split(key, 4)
         k = f16_exact((1, n_kv_heads, n, head_dim), k1)
@@ -54,25 +60,32 @@ def run_against_reference(cache, cfg, chunks, n_q_heads, n_kv_heads, head_dim, v
         view, _ = cache.update_and_fetch(k, v)
         out = attend(q, view, scale=head_dim**-0.5)
 
-        # What the cache should hold: tokens older than the residual tier are packed.
-        packed_before = max(0, offset - residual) if cfg.quantized else 0
-        ref_k = [fake_quant(t, cfg.key_bits, cfg.group_size) if i < packed_before else t for i, t in enumerate(all_k)]
-        ref_v = [fake_quant(t, cfg.value_bits, cfg.group_size) if i < packed_before else t for i, t in enumerate(all_v)]
-        ref_k += [k[..., i : i + 1, :] for i in range(n)]
-        ref_v += [v[..., i : i + 1, :] for i in range(n)]
+        # What the cache should hold: tokens flushed before this step are packed, the rest
+        # (16-bit tier and the chunk) exact. Flushes leave at most `residual` tokens behind,
+        # rounded to whole groups when keys are grouped along tokens.
         all_k += [k[..., i : i + 1, :] for i in range(n)]
         all_v += [v[..., i : i + 1, :] for i in range(n)]
+        keys = mx.concatenate(all_k, axis=2)
+        values = mx.concatenate(all_v, axis=2)
+        if cfg.quantized and flushed:
+            if per_channel:
+                packed_k = mx.concatenate(
+                    [fake_quant_channels(keys[..., g : g + unit, :], cfg.key_bits, unit) for g in range(0, flushed, unit)],
+                    axis=2,
+                )
+            else:
+                packed_k = fake_quant(keys[..., :flushed, :], cfg.key_bits, cfg.group_size)
+            packed_v = fake_quant(values[..., :flushed, :], cfg.value_bits, cfg.group_size)
+            keys = mx.concatenate([packed_k, keys[..., flushed:, :]], axis=2)
+            values = mx.concatenate([packed_v, values[..., flushed:, :]], axis=2)
         k_pos = mx.arange(offset + n)
         q_pos = mx.arange(offset, offset + n)
-        ref = reference_attention(
-            q, mx.concatenate(ref_k, axis=2), mx.concatenate(ref_v, axis=2), q_pos, k_pos, visible_fn, head_dim**-0.5
-        )
+        ref = reference_attention(q, keys, values, q_pos, k_pos, visible_fn, head_dim**-0.5)
         err = mx.abs(out - ref).max().item()
-        worst = max(worst, err)
         assert err < 2e-4, f"step {step} (chunk {n}, offset {offset}): max error {err}"
         offset += n
-        assert cache.offset == offset
-    return worst
+        flushed += (max(flushed, offset - residual) - flushed) // unit * unit
+        assert cache.offset == offset and cache.flushed == flushed
 
 
 def causal(q, k):
@@ -170,3 +183,40 @@ def test_quantized_kv_start_converts_mid_stream():
     assert cache.key_store.lossy
     converted = cache.key_store.decode(cache.key_store.read(8))
     assert mx.allclose(converted, fake_quant(dense, 4, 64), atol=1e-6)
+
+
+@pytest.mark.parametrize("bits,group_size", [(4, 32), (4, 64), (2, 64), (8, 128), (3, 64)])
+@pytest.mark.parametrize("residual", [0, 5])
+def test_per_channel_keys_match_reference_at_group_boundaries(bits, group_size, residual):
+    cfg = KVConfig(bits=bits, group_size=group_size, per_channel_keys=True, residual=residual)
+    cache = QuantizedCache(cfg)
+    head_dim = 128 if group_size == 128 else 64
+    # chunks that end before, exactly at, and across group boundaries
+    chunks = [group_size - 3, 1, 1, 1, 1, group_size + 7, 1, 2 * group_size, 1, 1]
+    run_against_reference(cache, cfg, chunks, 6, 2, head_dim, causal, cache.residual)
+    assert cache.flushed % group_size == 0
+    assert cache.offset - cache.flushed < residual + group_size  # the 16-bit tier stays bounded
+
+
+def test_per_channel_trim_pulls_the_cut_group_back_to_the_exact_tier():
+    cfg = KVConfig(bits=4, group_size=32, per_channel_keys=True, residual=0)
+    cache = QuantizedCache(cfg)
+    x = mx.random.normal((1, 2, 70, 64))
+    cache.update_and_fetch(x, x)
+    assert cache.flushed == 64
+    cache.trim(10)  # 60 tokens: group [32, 64) is cut
+    assert (cache.offset, cache.flushed, cache.recent_keys.shape[2]) == (60, 32, 28)
+    expected = fake_quant_channels(x[..., 32:64, :], 4, 32)[..., :28, :]
+    assert mx.allclose(cache.recent_keys.astype(mx.float32), expected, atol=1e-2)
+    cache.update_and_fetch(x[..., :40, :], x[..., :40, :])  # flushing resumes on a boundary
+    assert cache.flushed == 96
+
+
+def test_per_channel_keys_convert_at_quantized_kv_start():
+    cfg = KVConfig(bits=4, group_size=32, per_channel_keys=True, quantized_kv_start=40, residual=4)
+    cache = QuantizedCache(cfg)
+    x = mx.random.normal((1, 2, 45, 64))
+    cache.update_and_fetch(x[..., :41, :], x[..., :41, :])
+    assert not cache.key_store.lossy and cache.flushed == 37
+    cache.update_and_fetch(x[..., 41:, :], x[..., 41:, :])
+    assert cache.key_store.lossy and cache.flushed == 32 and cache.offset == 45

@@ -44,16 +44,13 @@ def attend(
     B, n_q_heads, L, D = queries.shape
     n_kv_heads = only.keys[0].shape[1]
     n_rep = n_q_heads // n_kv_heads
-    q = queries * scale
-    if n_rep > 1:
-        q = q.reshape(B, n_kv_heads, n_rep, L, D)
-
-    def per_head(parts):
-        return tuple(mx.expand_dims(p, 2) for p in parts) if n_rep > 1 else parts
+    # GQA: the query heads sharing a KV head become rows of one matrix, so each packed KV
+    # head is read once per step rather than once per query head.
+    q = (queries * scale).reshape(B, n_kv_heads, n_rep * L, D)
 
     scores = []
     for seg in segments:
-        s = seg.key_store.matmul(q, per_head(seg.keys), transpose=True)
+        s = seg.key_store.matmul(q, seg.keys, transpose=True).reshape(B, n_kv_heads, n_rep, L, -1)
         mask = _as_bool_mask(seg.mask, L, seg.length)
         if mask is not None:
             s = mx.where(mask, s, mx.finfo(s.dtype).min)
@@ -61,20 +58,19 @@ def attend(
     scores = mx.concatenate(scores, axis=-1) if len(scores) > 1 else scores[0]
 
     if sinks is not None:
-        sink_logits = sinks.astype(scores.dtype).reshape(scores.shape[1:-2] + (1, 1))
+        sink_logits = sinks.astype(scores.dtype).reshape(1, n_kv_heads, n_rep, 1, 1)
         sink_logits = mx.broadcast_to(sink_logits, scores.shape[:-1] + (1,))
         weights = mx.softmax(mx.concatenate([sink_logits, scores], axis=-1), axis=-1, precise=True)
         weights = weights[..., 1:]
     else:
         weights = mx.softmax(scores, axis=-1, precise=True)
+    weights = weights.reshape(B, n_kv_heads, n_rep * L, -1)
 
     out = None
     start = 0
     for seg in segments:
         w = weights[..., start : start + seg.length]
         start += seg.length
-        part = seg.value_store.matmul(w, per_head(seg.values), transpose=False)
+        part = seg.value_store.matmul(w, seg.values, transpose=False)
         out = part if out is None else out + part
-    if n_rep > 1:
-        out = out.reshape(B, n_q_heads, L, -1)
-    return out.astype(queries.dtype)
+    return out.reshape(B, n_q_heads, L, -1).astype(queries.dtype)

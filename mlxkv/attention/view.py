@@ -27,15 +27,14 @@ class NotAnArrayError(AttributeError):
 
 @dataclass
 class Segment:
+    """``length`` tokens, packed as ``key_store`` / ``value_store`` encode them."""
+
     keys: Parts
     values: Parts
     key_store: TensorStore
     value_store: TensorStore
+    length: int
     mask: Mask = None
-
-    @property
-    def length(self) -> int:
-        return self.keys[0].shape[2]
 
 
 @dataclass

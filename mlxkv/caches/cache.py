@@ -49,8 +49,10 @@ class ComposedCache:
         cfg, cap = self.config, self.policy.capacity
         if not self.packed:
             return make_store(None, cfg.group_size, cap), make_store(None, cfg.group_size, cap)
+        # A ring's slots are not group-aligned: windows keep per-token keys.
+        per_channel = cfg.per_channel_keys and not self.policy.bounded
         return (
-            make_store(cfg.key_bits, cfg.group_size, cap),
+            make_store(cfg.key_bits, cfg.group_size, cap, per_channel=per_channel),
             make_store(cfg.value_bits, cfg.group_size, cap),
         )
 
@@ -61,8 +63,23 @@ class ComposedCache:
         self.packed = True
         dense_k, dense_v = self.key_store, self.value_store
         new_k, new_v = self._make_stores()
+        # Stores written a group at a time take whole groups: the rest returns to the 16-bit tier.
+        aligned = self.flushed - self.flushed % self._flush_unit(new_k, new_v)
+        if aligned < self.flushed:
+            tail = (slice(None), slice(None), slice(aligned, self.flushed))
+            tail_k, tail_v = dense_k.parts[0][tail], dense_v.parts[0][tail]
+            if self.recent_keys is not None:
+                tail_k = mx.concatenate([tail_k.astype(self.recent_keys.dtype), self.recent_keys], axis=2)
+                tail_v = mx.concatenate([tail_v.astype(self.recent_values.dtype), self.recent_values], axis=2)
+            self.recent_keys = tail_k.astype(_recent_dtype(tail_k.dtype))
+            self.recent_values = tail_v.astype(_recent_dtype(tail_v.dtype))
+            self.flushed = aligned
         self.key_store = convert_store(dense_k, new_k)
         self.value_store = convert_store(dense_v, new_v)
+
+    @staticmethod
+    def _flush_unit(*stores: TensorStore) -> int:
+        return max(store.token_unit for store in stores)
 
     # -- the protocol ---------------------------------------------------------------
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[KVView, KVView]:
@@ -82,8 +99,9 @@ class ComposedCache:
 
         lossless = not (self.key_store.lossy or self.value_store.lossy)
         residual = self.residual
-        new_flushed = max(self.flushed, end - residual)
-        n_flush = new_flushed - self.flushed
+        unit = self._flush_unit(self.key_store, self.value_store)
+        n_flush = (max(self.flushed, end - residual) - self.flushed) // unit * unit
+        new_flushed = self.flushed + n_flush
         # Writing into slots that queries of this chunk still need: read the store first.
         read_first = n > 1 and self.policy.overwrites(self.flushed, n_flush)
         if read_first:
@@ -137,7 +155,7 @@ class ComposedCache:
             mask = (slot_pos < hide_from)[None, :] & self.policy.visible(q_pos, slot_pos)
         return Segment(
             self.key_store.read(n_slots, snapshot), self.value_store.read(n_slots, snapshot),
-            self.key_store, self.value_store, mask,
+            self.key_store, self.value_store, n_slots, mask,
         )
 
     def _exact_segment(self, keys: mx.array, values: mx.array, start: int, q_first: int) -> Segment:
@@ -149,7 +167,7 @@ class ComposedCache:
             mask = "causal"
         else:
             mask = self.policy.visible(mx.arange(q_first, self.offset), mx.arange(start, start + n_keys))
-        return Segment((keys,), (values,), _EXACT, _EXACT, mask)
+        return Segment((keys,), (values,), _EXACT, _EXACT, n_keys, mask)
 
     def make_mask(self, N: int, return_array: bool = False, window_size: int | None = None):
         """None: visibility (causality, window, sinks) is decided per segment at attention."""
@@ -186,7 +204,22 @@ class ComposedCache:
             self.recent_keys = self.recent_values = None
         self.flushed -= n - min(n, n_recent)
         self.offset -= n
+        self._realign_flushed()
         return n
+
+    def _realign_flushed(self) -> None:
+        """After a trim into a store written a group at a time, move the cut group back to
+        the 16-bit tier (decoded), so the next flush starts on a group boundary."""
+        unit = self._flush_unit(self.key_store, self.value_store)
+        aligned = self.flushed - self.flushed % unit
+        if aligned == self.flushed:
+            return
+        keys = self.key_store.decode(self.key_store.read_range(aligned, aligned + unit))
+        values = self.value_store.decode(self.value_store.read_range(aligned, aligned + unit))
+        dtype = _recent_dtype(keys.dtype)
+        self.recent_keys = keys[..., : self.flushed - aligned, :].astype(dtype)
+        self.recent_values = values[..., : self.flushed - aligned, :].astype(dtype)
+        self.flushed = aligned
 
     # -- saving ---------------------------------------------------------------------
     @property

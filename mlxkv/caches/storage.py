@@ -42,9 +42,25 @@ class TensorStore:
         return {"max_slots": self.max_slots}
 
     # -- buffers, shared by every encoding -----------------------------------------
+    slot_axis = 2
+    """The axis tokens run along in every part."""
+
+    token_unit = 1
+    """Tokens are written in whole multiples of this (a group along tokens, for per-channel stores)."""
+
+    def _span(self, part: int, tokens: int) -> int:
+        """Entries along ``slot_axis`` that ``tokens`` tokens take in part number ``part``."""
+        return tokens
+
+    def _index(self, part: int, start: int, end: int) -> tuple:
+        index = [slice(None)] * 4
+        index[self.slot_axis] = slice(self._span(part, start), self._span(part, end))
+        return tuple(index)
+
     @property
     def capacity(self) -> int:
-        return 0 if self.parts is None else self.parts[0].shape[2]
+        """Tokens the buffers hold room for."""
+        return 0 if self.parts is None else self.parts[0].shape[self.slot_axis]
 
     def _reserve(self, slots: int, encoded: Parts) -> None:
         """Grow every part to hold ``slots`` tokens, in whole steps, never past max_slots."""
@@ -55,28 +71,38 @@ class TensorStore:
             target = min(max(target, slots), self.max_slots)
         grow = target - self.capacity
 
-        def zeros(like: mx.array) -> mx.array:
-            return mx.zeros((*like.shape[:2], grow, like.shape[-1]), dtype=like.dtype)
+        def zeros(like: mx.array, part: int) -> mx.array:
+            shape = list(like.shape)
+            shape[self.slot_axis] = self._span(part, grow)
+            return mx.zeros(shape, dtype=like.dtype)
 
         if self.parts is None:
-            self.parts = tuple(zeros(e) for e in encoded)
+            self.parts = tuple(zeros(e, i) for i, e in enumerate(encoded))
         else:
-            self.parts = tuple(mx.concatenate([p, zeros(p)], axis=2) for p in self.parts)
+            self.parts = tuple(
+                mx.concatenate([p, zeros(p, i)], axis=self.slot_axis) for i, p in enumerate(self.parts)
+            )
 
     def write(self, slot: int, x: mx.array) -> None:
         """Encode ``x`` ([B, H, n, D]) into slots ``slot .. slot+n`` (in place when possible)."""
-        encoded = self.encode(x)
         end = slot + x.shape[2]
+        if slot % self.token_unit or end % self.token_unit:
+            raise ValueError(f"{type(self).__name__} writes whole groups of {self.token_unit} tokens")
+        encoded = self.encode(x)
         self._reserve(end, encoded)
-        for part, enc in zip(self.parts, encoded):
-            part[..., slot:end, :] = enc
+        for i, (part, enc) in enumerate(zip(self.parts, encoded)):
+            part[self._index(i, slot, end)] = enc
 
     def read(self, n: int, snapshot: bool = False) -> Parts:
         """The first ``n`` slots, packed as stored. ``snapshot``: unaffected by later writes
         (a write updates the buffer arrays in place; a slice keeps the values it was taken of)."""
         if n == self.capacity and not snapshot:
             return self.parts
-        return tuple(p[..., :n, :] for p in self.parts)
+        return self.read_range(0, n)
+
+    def read_range(self, start: int, end: int) -> Parts:
+        """Slots ``start .. end``, packed as stored (whole groups for per-channel stores)."""
+        return tuple(p[self._index(i, start, end)] for i, p in enumerate(self.parts))
 
     @property
     def nbytes(self) -> int:
@@ -141,16 +167,57 @@ class AffineStore(TensorStore):
         )
 
 
-def make_store(bits: int | None, group_size: int, max_slots: int | None = None) -> TensorStore:
-    """The store for one tensor: dense when ``bits`` is None, else affine."""
+class ChannelAffineStore(AffineStore):
+    """Keys quantized per channel, in groups of ``group_size`` consecutive tokens (KIVI).
+
+    Key outliers sit in a few channels; a scale per channel keeps them from crushing the
+    rest of a token's group. Stored transposed, [B, H, D, tokens], so scores ``q @ K^T``
+    are ``mx.quantized_matmul(q, K^T, transpose=False)``: on MLX's CPU backend that kernel
+    is several times faster than the transposed one per-token keys need. Tokens arrive a
+    whole group at a time; the cache's 16-bit residual tier holds the incomplete group.
+    """
+
+    slot_axis = 3
+
+    @property
+    def token_unit(self) -> int:  # type: ignore[override]
+        return self.group_size
+
+    def _span(self, part: int, tokens: int) -> int:
+        if part == 0:
+            return tokens * self.bits // 32
+        return tokens // self.group_size
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.parts is None else self.parts[1].shape[3] * self.group_size
+
+    def encode(self, x: mx.array) -> Parts:
+        return super().encode(x.swapaxes(-1, -2))
+
+    def decode(self, parts: Parts) -> mx.array:
+        return super().decode(parts).swapaxes(-1, -2)
+
+    def matmul(self, x: mx.array, parts: Parts, transpose: bool) -> mx.array:
+        # the stored matrix is K^T: x @ K^T needs no transpose of what is stored
+        return super().matmul(x, parts, transpose=not transpose)
+
+
+def make_store(
+    bits: int | None, group_size: int, max_slots: int | None = None, per_channel: bool = False
+) -> TensorStore:
+    """The store for one tensor: dense when ``bits`` is None, else affine (per token, or per
+    channel over groups of tokens)."""
     if bits is None:
         return DenseStore(max_slots)
+    if per_channel:
+        return ChannelAffineStore(bits, group_size, max_slots)
     return AffineStore(bits, group_size, max_slots)
 
 
 def store_from_params(kind: str, params: dict[str, Any]) -> TensorStore:
     """Rebuild an empty store from ``type(store).__name__`` and ``store.params()``."""
-    kinds = {cls.__name__: cls for cls in (DenseStore, AffineStore)}
+    kinds = {cls.__name__: cls for cls in (DenseStore, AffineStore, ChannelAffineStore)}
     if kind not in kinds:
         raise ValueError(f"unknown store kind {kind!r} in a saved cache")
     return kinds[kind](**params)
