@@ -45,12 +45,15 @@ def fake_quant_channels(block: mx.array, bits: int, group_size: int) -> mx.array
     return fake_quant(block.swapaxes(-1, -2), bits, group_size).swapaxes(-1, -2)
 
 
-def run_against_reference(cache, cfg, chunks, n_q_heads, n_kv_heads, head_dim, visible_fn, residual):
-    """Feed ``chunks`` (sizes) through ``cache``; compare every step with the reference."""
+def run_against_reference(cache, cfg, chunks, n_q_heads, n_kv_heads, head_dim, visible_fn, residual, sinks=0):
+    """Feed ``chunks`` (sizes) through ``cache``; compare every step with the reference.
+
+    A window's ``sinks`` stay exact (16-bit); groups along tokens count from the first
+    token after them."""
     key = mx.random.key(0)
     all_k, all_v = [], []
     offset = flushed = 0
-    per_channel = cfg.per_channel_keys and cfg.max_kv is None
+    per_channel = cfg.per_channel_keys
     unit = cfg.group_size if per_channel else 1
     for step, n in enumerate(chunks):
         k1, k2, k3, key = mx.random.split(key, 4)
@@ -67,24 +70,25 @@ def run_against_reference(cache, cfg, chunks, n_q_heads, n_kv_heads, head_dim, v
         all_v += [v[..., i : i + 1, :] for i in range(n)]
         keys = mx.concatenate(all_k, axis=2)
         values = mx.concatenate(all_v, axis=2)
-        if cfg.quantized and flushed:
+        if cfg.quantized and flushed > sinks:
             if per_channel:
                 packed_k = mx.concatenate(
-                    [fake_quant_channels(keys[..., g : g + unit, :], cfg.key_bits, unit) for g in range(0, flushed, unit)],
+                    [fake_quant_channels(keys[..., g : g + unit, :], cfg.key_bits, unit) for g in range(sinks, flushed, unit)],
                     axis=2,
                 )
             else:
-                packed_k = fake_quant(keys[..., :flushed, :], cfg.key_bits, cfg.group_size)
-            packed_v = fake_quant(values[..., :flushed, :], cfg.value_bits, cfg.group_size)
-            keys = mx.concatenate([packed_k, keys[..., flushed:, :]], axis=2)
-            values = mx.concatenate([packed_v, values[..., flushed:, :]], axis=2)
+                packed_k = fake_quant(keys[..., sinks:flushed, :], cfg.key_bits, cfg.group_size)
+            packed_v = fake_quant(values[..., sinks:flushed, :], cfg.value_bits, cfg.group_size)
+            keys = mx.concatenate([keys[..., :sinks, :], packed_k, keys[..., flushed:, :]], axis=2)
+            values = mx.concatenate([values[..., :sinks, :], packed_v, values[..., flushed:, :]], axis=2)
         k_pos = mx.arange(offset + n)
         q_pos = mx.arange(offset, offset + n)
         ref = reference_attention(q, keys, values, q_pos, k_pos, visible_fn, head_dim**-0.5)
         err = mx.abs(out - ref).max().item()
         assert err < 2e-4, f"step {step} (chunk {n}, offset {offset}): max error {err}"
         offset += n
-        flushed += (max(flushed, offset - residual) - flushed) // unit * unit
+        target = max(flushed, offset - residual)
+        flushed = target if target <= sinks else target - (target - sinks) % unit
         assert cache.offset == offset and cache.flushed == flushed
 
 
@@ -129,16 +133,16 @@ def sink_window(sinks, window):
     return visible
 
 
-@pytest.mark.parametrize("bits", [None, 8, 4, 2])
+@pytest.mark.parametrize("bits,per_channel", [(None, False), (8, False), (4, False), (2, False), (4, True)])
 @pytest.mark.parametrize("residual", [0, 4])
-def test_sink_window_matches_explicit_reference_across_many_wraps(bits, residual):
-    sinks, max_kv = 4, 24
-    cfg = KVConfig(bits=bits, max_kv=max_kv, sinks=sinks, residual=residual)
+def test_sink_window_matches_explicit_reference_across_many_wraps(bits, per_channel, residual):
+    sinks, max_kv = 4, 24 if not per_channel else 100
+    cfg = KVConfig(bits=bits, max_kv=max_kv, sinks=sinks, residual=residual, per_channel_keys=per_channel, group_size=32)
     cache = SinkWindowCache(cfg)
     # decode past several wraps, chunks that wrap, and a chunk longer than the window
-    chunks = [10] + [1] * 30 + [7, 1, 1, 33] + [1] * 25 + [5, 1]
+    chunks = [10] + [1] * 30 + [7, 1, 1, 33] + [1] * 25 + [5, 1] + ([1] * 100 + [70, 1] if per_channel else [])
     run_against_reference(
-        cache, cfg, chunks, 6, 2, 64, sink_window(sinks, max_kv - sinks), cache.residual
+        cache, cfg, chunks, 6, 2, 64, sink_window(sinks, max_kv - sinks), cache.residual, sinks
     )
     assert cache.size() == max_kv
 
@@ -146,7 +150,7 @@ def test_sink_window_matches_explicit_reference_across_many_wraps(bits, residual
 def test_prompt_longer_than_window_in_one_chunk():
     cfg = KVConfig(bits=4, max_kv=16, sinks=2, residual=2)
     cache = SinkWindowCache(cfg)
-    run_against_reference(cache, cfg, [50, 1, 1, 40, 1], 4, 2, 64, sink_window(2, 14), cache.residual)
+    run_against_reference(cache, cfg, [50, 1, 1, 40, 1], 4, 2, 64, sink_window(2, 14), cache.residual, 2)
 
 
 def test_sliding_window_without_sinks():

@@ -31,16 +31,24 @@ def _recent_dtype(dtype: mx.Dtype) -> mx.Dtype:
 
 
 class ComposedCache:
-    """One attention layer's cache: key store + value store + policy + 16-bit recent tier."""
+    """One attention layer's cache: key store + value store + policy + 16-bit exact tiers.
+
+    Positions ``< flushed`` have left the 16-bit recent tier: a window's sinks into the
+    16-bit sink tier, everything else into the stores. Positions ``flushed .. offset`` are
+    the recent tier.
+    """
 
     def __init__(self, config: KVConfig, policy: KeepAll | SinkWindow, residual: int) -> None:
         self.config = config
         self.policy = policy
         self.residual = residual  # newest tokens kept in 16-bit (0 for full-precision configs)
         self.offset = 0  # tokens seen; also the rope position of the next token
-        self.flushed = 0  # tokens that went through the stores (positions < flushed)
+        self.flushed = 0
         self.recent_keys: mx.array | None = None  # positions [flushed, offset)
         self.recent_values: mx.array | None = None
+        self.sink_keys: mx.array | None = None  # positions [0, min(flushed, sinks))
+        self.sink_values: mx.array | None = None
+        self.tier_dtype = mx.float16  # of the 16-bit tiers; bfloat16 for bfloat16 models
         self.packed = config.quantized and config.quantized_kv_start == 0
         self.key_store, self.value_store = self._make_stores()
 
@@ -49,12 +57,19 @@ class ComposedCache:
         cfg, cap = self.config, self.policy.capacity
         if not self.packed:
             return make_store(None, cfg.group_size, cap), make_store(None, cfg.group_size, cap)
-        # A ring's slots are not group-aligned: windows keep per-token keys.
-        per_channel = cfg.per_channel_keys and not self.policy.bounded
         return (
-            make_store(cfg.key_bits, cfg.group_size, cap, per_channel=per_channel),
+            make_store(cfg.key_bits, cfg.group_size, cap, per_channel=cfg.per_channel_keys),
             make_store(cfg.value_bits, cfg.group_size, cap),
         )
+
+    @staticmethod
+    def _flush_unit(*stores: TensorStore) -> int:
+        return max(store.token_unit for store in stores)
+
+    def _align(self, flushed: int, unit: int) -> int:
+        """Round down to a group boundary of the store (groups count from the first non-sink)."""
+        sinks = self.policy.sinks
+        return flushed if flushed <= sinks else flushed - (flushed - sinks) % unit
 
     def _maybe_start_quantizing(self) -> None:
         """quantized_kv_start: re-encode the full-precision store in place, once."""
@@ -64,71 +79,81 @@ class ComposedCache:
         dense_k, dense_v = self.key_store, self.value_store
         new_k, new_v = self._make_stores()
         # Stores written a group at a time take whole groups: the rest returns to the 16-bit tier.
-        aligned = self.flushed - self.flushed % self._flush_unit(new_k, new_v)
-        if aligned < self.flushed:
-            tail = (slice(None), slice(None), slice(aligned, self.flushed))
-            tail_k, tail_v = dense_k.parts[0][tail], dense_v.parts[0][tail]
-            if self.recent_keys is not None:
-                tail_k = mx.concatenate([tail_k.astype(self.recent_keys.dtype), self.recent_keys], axis=2)
-                tail_v = mx.concatenate([tail_v.astype(self.recent_values.dtype), self.recent_values], axis=2)
-            self.recent_keys = tail_k.astype(_recent_dtype(tail_k.dtype))
-            self.recent_values = tail_v.astype(_recent_dtype(tail_v.dtype))
-            self.flushed = aligned
+        self._return_to_recent(self._align(self.flushed, self._flush_unit(new_k, new_v)), dense_k, dense_v)
         self.key_store = convert_store(dense_k, new_k)
         self.value_store = convert_store(dense_v, new_v)
 
-    @staticmethod
-    def _flush_unit(*stores: TensorStore) -> int:
-        return max(store.token_unit for store in stores)
+    def _return_to_recent(self, aligned: int, key_store: TensorStore, value_store: TensorStore) -> None:
+        """Move positions ``aligned .. flushed`` from the stores back to the 16-bit recent tier."""
+        n = self.flushed - aligned
+        if n == 0:
+            return
+        slot = self.policy.slot_of(aligned)
+        unit = self._flush_unit(key_store, value_store)
+        span = -(-(slot + n) // unit) * unit
+        keys = key_store.decode(key_store.read_range(slot - slot % unit, span))[..., slot % unit :, :][..., :n, :]
+        values = value_store.decode(value_store.read_range(slot - slot % unit, span))[..., slot % unit :, :][..., :n, :]
+        if self.recent_keys is not None:
+            keys = mx.concatenate([keys, self.recent_keys.astype(keys.dtype)], axis=2)
+            values = mx.concatenate([values, self.recent_values.astype(values.dtype)], axis=2)
+        self.recent_keys, self.recent_values = keys.astype(self.tier_dtype), values.astype(self.tier_dtype)
+        self.flushed = aligned
 
     # -- the protocol ---------------------------------------------------------------
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[KVView, KVView]:
         """Store a chunk ([B, H, n, D], rope applied) and return what attention must see."""
-        if self.offset == 0 and self.config.quantized:
-            self.config.check_head_dim(keys.shape[-1])
-            self.config.check_head_dim(values.shape[-1])
+        if self.offset == 0:
+            # full-precision caches keep the model's dtype everywhere
+            self.tier_dtype = _recent_dtype(keys.dtype) if self.config.quantized else keys.dtype
+            if self.config.quantized:
+                self.config.check_head_dim(keys.shape[-1])
+                self.config.check_head_dim(values.shape[-1])
         self._maybe_start_quantizing()
         n = keys.shape[2]
         first, end = self.offset, self.offset + n
-        exact_start = self.flushed
-        if self.recent_keys is not None:
-            keys_exact = mx.concatenate([self.recent_keys.astype(keys.dtype), keys], axis=2)
-            values_exact = mx.concatenate([self.recent_values.astype(values.dtype), values], axis=2)
+        flushed = self.flushed
+        if self.recent_keys is not None:  # positions [flushed, end)
+            new_keys = mx.concatenate([self.recent_keys.astype(keys.dtype), keys], axis=2)
+            new_values = mx.concatenate([self.recent_values.astype(values.dtype), values], axis=2)
         else:
-            keys_exact, values_exact = keys, values
+            new_keys, new_values = keys, values
+        sink_keys, sink_values = self.sink_keys, self.sink_values
 
-        lossless = not (self.key_store.lossy or self.value_store.lossy)
-        residual = self.residual
         unit = self._flush_unit(self.key_store, self.value_store)
-        n_flush = (max(self.flushed, end - residual) - self.flushed) // unit * unit
-        new_flushed = self.flushed + n_flush
+        new_flushed = self._align(max(flushed, end - self.residual), unit)
+        to_sinks = max(0, min(new_flushed, self.policy.sinks) - flushed)
+        to_store = new_flushed - flushed - to_sinks
         # Writing into slots that queries of this chunk still need: read the store first.
-        read_first = n > 1 and self.policy.overwrites(self.flushed, n_flush)
+        read_first = n > 1 and self.policy.overwrites(flushed, to_store)
         if read_first:
-            history = self._history_segment(first, n, self.flushed, hide_from=exact_start, snapshot=True)
+            history = self._history_segment(first, n, flushed, hide_from=flushed, snapshot=True)
 
-        for slot, row, length in self.policy.placements(self.flushed, n_flush):
-            self.key_store.write(slot, keys_exact[..., row : row + length, :])
-            self.value_store.write(slot, values_exact[..., row : row + length, :])
+        for slot, row, length in self.policy.placements(flushed + to_sinks, to_store):
+            rows = slice(to_sinks + row, to_sinks + row + length)
+            self.key_store.write(slot, new_keys[..., rows, :])
+            self.value_store.write(slot, new_values[..., rows, :])
 
-        if n_flush < keys_exact.shape[2]:
-            recent_dtype = _recent_dtype(keys.dtype)
-            self.recent_keys = keys_exact[..., n_flush:, :].astype(recent_dtype)
-            self.recent_values = values_exact[..., n_flush:, :].astype(recent_dtype)
+        recent_dtype = self.tier_dtype
+        if to_sinks:
+            self.sink_keys = _append(self.sink_keys, new_keys[..., :to_sinks, :].astype(recent_dtype))
+            self.sink_values = _append(self.sink_values, new_values[..., :to_sinks, :].astype(recent_dtype))
+        kept = new_flushed - flushed
+        if kept < new_keys.shape[2]:
+            self.recent_keys = new_keys[..., kept:, :].astype(recent_dtype)
+            self.recent_values = new_values[..., kept:, :].astype(recent_dtype)
         else:
             self.recent_keys = self.recent_values = None
         self.flushed, self.offset = new_flushed, end
 
-        if read_first:
-            segments = [history, self._exact_segment(keys_exact, values_exact, exact_start, first)]
-        elif lossless and self.recent_keys is None:
+        lossless = not (self.key_store.lossy or self.value_store.lossy)
+        if not read_first and lossless and self.recent_keys is None and self.sink_keys is None:
             # Everything is exact in the store already: one segment, mlx's fused attention.
-            segments = [self._history_segment(first, n, self.flushed, hide_from=end)]
+            segments = [self._history_segment(first, n, new_flushed, hide_from=end)]
         else:
-            segments = [
-                self._history_segment(first, n, self.flushed, hide_from=exact_start),
-                self._exact_segment(keys_exact, values_exact, exact_start, first),
-            ]
+            if not read_first:
+                history = self._history_segment(first, n, new_flushed, hide_from=flushed)
+            exact = self._exact_segment(sink_keys, sink_values, new_keys, new_values, flushed, first)
+            segments = [history, exact]
         view = KVView([s for s in segments if s is not None])
         return view, view
 
@@ -151,6 +176,8 @@ class ComposedCache:
                 mask = self.policy.visible(mx.arange(q_first, q_first + n_queries), mx.arange(n_slots))
         else:
             n_slots = slot_pos.shape[0]
+            if n_slots == 0:
+                return None
             q_pos = mx.arange(q_first, q_first + n_queries)
             mask = (slot_pos < hide_from)[None, :] & self.policy.visible(q_pos, slot_pos)
         return Segment(
@@ -158,16 +185,25 @@ class ComposedCache:
             self.key_store, self.value_store, n_slots, mask,
         )
 
-    def _exact_segment(self, keys: mx.array, values: mx.array, start: int, q_first: int) -> Segment:
-        """Recent tokens and the new chunk, exact; the chunk's queries are its last rows."""
-        n_keys, n_queries = keys.shape[2], self.offset - q_first
-        if n_queries == 1 and not self.policy.limits_view():
-            mask = None
-        elif not self.policy.limits_view():
-            mask = "causal"
+    def _exact_segment(
+        self, sink_keys: mx.array | None, sink_values: mx.array | None,
+        keys: mx.array, values: mx.array, start: int, q_first: int,
+    ) -> Segment:
+        """Sinks, recent tokens and the new chunk, exact; the chunk's queries are its last rows."""
+        n_queries = self.offset - q_first
+        if sink_keys is not None:
+            k_pos = mx.concatenate([mx.arange(sink_keys.shape[2]), mx.arange(start, start + keys.shape[2])])
+            keys = mx.concatenate([sink_keys.astype(keys.dtype), keys], axis=2)
+            values = mx.concatenate([sink_values.astype(values.dtype), values], axis=2)
         else:
-            mask = self.policy.visible(mx.arange(q_first, self.offset), mx.arange(start, start + n_keys))
-        return Segment((keys,), (values,), _EXACT, _EXACT, n_keys, mask)
+            k_pos = None
+        if not self.policy.limits_view():
+            mask = None if n_queries == 1 else "causal"
+        else:
+            if k_pos is None:
+                k_pos = mx.arange(start, start + keys.shape[2])
+            mask = self.policy.visible(mx.arange(q_first, self.offset), k_pos)
+        return Segment((keys,), (values,), _EXACT, _EXACT, keys.shape[2], mask)
 
     def make_mask(self, N: int, return_array: bool = False, window_size: int | None = None):
         """None: visibility (causality, window, sinks) is decided per segment at attention."""
@@ -184,8 +220,8 @@ class ComposedCache:
 
     @property
     def nbytes(self) -> int:
-        recent = 0 if self.recent_keys is None else self.recent_keys.nbytes + self.recent_values.nbytes
-        return self.key_store.nbytes + self.value_store.nbytes + recent
+        tiers = (self.recent_keys, self.recent_values, self.sink_keys, self.sink_values)
+        return self.key_store.nbytes + self.value_store.nbytes + sum(t.nbytes for t in tiers if t is not None)
 
     def is_trimmable(self) -> bool:
         return self.policy.can_trim(self.flushed)
@@ -204,22 +240,14 @@ class ComposedCache:
             self.recent_keys = self.recent_values = None
         self.flushed -= n - min(n, n_recent)
         self.offset -= n
-        self._realign_flushed()
-        return n
-
-    def _realign_flushed(self) -> None:
-        """After a trim into a store written a group at a time, move the cut group back to
-        the 16-bit tier (decoded), so the next flush starts on a group boundary."""
+        if self.sink_keys is not None and self.flushed < self.sink_keys.shape[2]:
+            self.sink_keys = self.sink_keys[..., : self.flushed, :] if self.flushed else None
+            self.sink_values = self.sink_values[..., : self.flushed, :] if self.flushed else None
+        # A store written a group at a time resumes on a group boundary: the cut group
+        # returns to the 16-bit tier (decoded).
         unit = self._flush_unit(self.key_store, self.value_store)
-        aligned = self.flushed - self.flushed % unit
-        if aligned == self.flushed:
-            return
-        keys = self.key_store.decode(self.key_store.read_range(aligned, aligned + unit))
-        values = self.value_store.decode(self.value_store.read_range(aligned, aligned + unit))
-        dtype = _recent_dtype(keys.dtype)
-        self.recent_keys = keys[..., : self.flushed - aligned, :].astype(dtype)
-        self.recent_values = values[..., : self.flushed - aligned, :].astype(dtype)
-        self.flushed = aligned
+        self._return_to_recent(self._align(self.flushed, unit), self.key_store, self.value_store)
+        return n
 
     # -- saving ---------------------------------------------------------------------
     @property
@@ -241,13 +269,15 @@ class ComposedCache:
     @property
     def state(self) -> dict[str, Any]:
         """Arrays of the filled slots only (a saved file holds no growth padding)."""
-        filled = min(self.flushed, self.key_store.capacity)
+        filled = min(max(self.flushed - self.policy.sinks, 0), self.key_store.capacity)
         return {
             "meta": self.meta_state,
             "keys": list(self.key_store.read(filled)) if filled else [],
             "values": list(self.value_store.read(filled)) if filled else [],
             "recent_keys": self.recent_keys,
             "recent_values": self.recent_values,
+            "sink_keys": self.sink_keys,
+            "sink_values": self.sink_values,
         }
 
     @state.setter
@@ -263,6 +293,10 @@ class ComposedCache:
         self.value_store.parts = tuple(state.get("values") or ()) or None
         self.recent_keys = _none_if_empty(state.get("recent_keys"))
         self.recent_values = _none_if_empty(state.get("recent_values"))
+        self.sink_keys = _none_if_empty(state.get("sink_keys"))
+        self.sink_values = _none_if_empty(state.get("sink_values"))
+        tiers = [t for t in (self.recent_keys, self.sink_keys) if t is not None]
+        self.tier_dtype = tiers[0].dtype if tiers else mx.float16
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> "ComposedCache":
@@ -272,6 +306,10 @@ class ComposedCache:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config.describe()}, offset={self.offset})"
+
+
+def _append(tier: mx.array | None, x: mx.array) -> mx.array:
+    return x if tier is None else mx.concatenate([tier, x], axis=2)
 
 
 def _none_if_empty(x: mx.array | None) -> mx.array | None:
@@ -301,4 +339,5 @@ class SinkWindowCache(ComposedCache):
             window = config.max_kv - sinks
         # A model's own short window (e.g. Gemma's 512) bounds the residual too.
         residual = min(config.effective_residual, window // 2)
-        super().__init__(config, SinkWindow(sinks, window, residual), residual)
+        unit = config.group_size if config.per_channel_keys else 1
+        super().__init__(config, SinkWindow(sinks, window, residual, unit), residual)

@@ -24,6 +24,11 @@ class KeepAll:
     def params(self) -> dict[str, Any]:
         return {}
 
+    sinks = 0
+
+    def slot_of(self, pos: int) -> int:
+        return pos
+
     def placements(self, start: int, n: int) -> list[Run]:
         return [(start, 0, n)] if n > 0 else []
 
@@ -49,50 +54,50 @@ class SinkWindow:
     """StreamingLLM: the first ``sinks`` tokens plus the most recent ``window`` tokens.
 
     A query at position q sees key k when ``k <= q`` and (``k < sinks`` or ``q - k < window``).
-    The store holds the sinks and a ring of ``window - residual`` slots; the cache keeps the
-    newest ``residual`` tokens outside the store, so store + residual cover the window.
-    With ``sinks=0`` this is the sliding-window attention of Gemma/Mistral layers.
+    The sinks are few and every later token attends to them, so the cache keeps them exact
+    in its 16-bit tier; the store holds only a ring of the older part of the window (the
+    newest ``residual`` tokens are in the 16-bit tier too). Ring slots come in whole groups
+    of ``unit`` tokens, counted from the first token after the sinks, so stores written a
+    group at a time (per-channel keys) rotate too. ``sinks=0`` is the sliding-window
+    attention of Gemma/Mistral layers.
     """
 
     bounded = True
 
-    def __init__(self, sinks: int, window: int, residual: int = 0) -> None:
+    def __init__(self, sinks: int, window: int, residual: int = 0, unit: int = 1) -> None:
         if window - residual <= 0:
             raise ValueError(f"window {window} must exceed the residual {residual}")
         self.sinks = sinks
         self.window = window
         self.residual = residual
-        self.ring = window - residual
-        self.capacity = sinks + self.ring
+        self.unit = unit
+        self.ring = -(-(window - residual) // unit) * unit
+        self.capacity = self.ring
 
     def params(self) -> dict[str, Any]:
-        return {"sinks": self.sinks, "window": self.window, "residual": self.residual}
+        return {"sinks": self.sinks, "window": self.window, "residual": self.residual, "unit": self.unit}
 
     def slot_of(self, pos: int) -> int:
-        return pos if pos < self.sinks else self.sinks + (pos - self.sinks) % self.ring
+        return (pos - self.sinks) % self.ring
 
     def placements(self, start: int, n: int) -> list[Run]:
+        """Runs for positions ``start .. start+n`` (all past the sinks)."""
         end = start + n
         runs: list[Run] = []
-        sink_end = min(end, self.sinks)
-        if start < sink_end:
-            runs.append((start, 0, sink_end - start))
         # Tokens that a later token of the same chunk would overwrite are never written.
-        pos = max(start, self.sinks, end - self.ring)
+        pos = max(start, end - self.ring)
         while pos < end:
             slot = self.slot_of(pos)
-            length = min(end - pos, self.capacity - slot)
+            length = min(end - pos, self.ring - slot)
             runs.append((slot, pos - start, length))
             pos += length
         return runs
 
     def slot_positions(self, flushed: int) -> mx.array:
-        """Position held by each filled slot after ``flushed`` tokens went through the store."""
-        sinks = mx.arange(min(flushed, self.sinks))
-        filled = min(max(flushed - self.sinks, 0), self.ring)
-        r = mx.arange(filled)
-        latest = self.sinks + r + self.ring * ((flushed - 1 - self.sinks - r) // self.ring)
-        return mx.concatenate([sinks, latest])
+        """Position held by each filled ring slot once positions < ``flushed`` left the 16-bit tier."""
+        stored = max(flushed - self.sinks, 0)
+        r = mx.arange(min(stored, self.ring))
+        return self.sinks + r + self.ring * ((stored - 1 - r) // self.ring)
 
     def visible(self, q_pos: mx.array, k_pos: mx.array) -> mx.array:
         q, k = q_pos[:, None], k_pos[None, :]
@@ -103,11 +108,11 @@ class SinkWindow:
 
     def overwrites(self, flushed: int, n: int) -> bool:
         """Whether writing ``n`` more tokens replaces tokens already in the ring."""
-        return flushed + n > self.capacity
+        return max(flushed - self.sinks, 0) + n > self.ring
 
     def can_trim(self, flushed: int) -> bool:
         """Only while nothing was evicted: an evicted token cannot come back."""
-        return flushed <= self.capacity
+        return flushed - self.sinks <= self.ring
 
 
 def policy_from_params(params: dict[str, Any]) -> KeepAll | SinkWindow:
