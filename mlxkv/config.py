@@ -15,6 +15,11 @@ from mlxkv.errors import UserError
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
 BACKENDS = ("mlxkv", "mlx-lm")
+MICROSCALING = {"mxfp4": (4, 32), "nvfp4": (4, 16), "mxfp8": (8, 32)}
+"""MLX's microscaling formats: (bits, group size). Each group shares one 8-bit scale."""
+MODES = ("affine", *MICROSCALING)
+HADAMARD_BASES = (1, 12, 20, 28)
+"""mx.hadamard_transform sizes: m * 2^k for these m."""
 
 DEFAULT_RESIDUAL = 32
 """Recent tokens kept in 16-bit floats beside the packed store. Measured on SmolLM2-135M
@@ -37,6 +42,13 @@ class KVConfig:
         configs only), flushed into the packed store as newer tokens arrive.
     per_channel_keys: quantize keys per channel over groups of ``group_size`` tokens (KIVI)
         instead of per token; the residual tier also holds the incomplete group.
+    rotate: an orthonormal Hadamard rotation of keys and queries (scores unchanged) and of
+        values (undone on the attention output) before quantizing: spreads outlier
+        channels over the whole group (QuaRot).
+    mode: "affine" (``mx.quantize`` with scale and bias per group) or one of MLX's
+        microscaling formats "mxfp4", "nvfp4", "mxfp8" (bits and group size implied).
+    layer_bits: ((layer, bits), ...) per-layer overrides of ``bits`` (negative layers count
+        from the end; bits 0 = full precision), e.g. ((0, 8), (-1, 8)).
     backend: "mlxkv" (ours) or "mlx-lm" (mlx-lm's own caches, as a baseline).
     """
 
@@ -49,9 +61,19 @@ class KVConfig:
     quantized_kv_start: int = 0
     residual: int = DEFAULT_RESIDUAL
     per_channel_keys: bool = False
+    rotate: bool = False
+    mode: str = "affine"
+    layer_bits: tuple[tuple[int, int], ...] = ()
     backend: str = "mlxkv"
 
     def __post_init__(self) -> None:
+        if self.mode in MICROSCALING:  # the format fixes bits and group size
+            bits, group = MICROSCALING[self.mode]
+            if self.bits not in (None, bits) or self.k_bits is not None or self.v_bits is not None:
+                raise UserError(f"{self.mode} is {bits}-bit for keys and values; drop the bits settings")
+            object.__setattr__(self, "bits", bits)
+            object.__setattr__(self, "group_size", group)
+        object.__setattr__(self, "layer_bits", tuple(tuple(pair) for pair in self.layer_bits))
         self.validate()
 
     # -- derived -------------------------------------------------------------
@@ -86,9 +108,13 @@ class KVConfig:
         else:
             kb, vb = self.key_bits, self.value_bits
             prec = f"{kb}-bit" if kb == vb else f"K{kb or 16}V{vb or 16}"
-            base = f"{prec} g{self.group_size}"
+            base = f"{prec} g{self.group_size}" if self.mode == "affine" else self.mode
             if self.per_channel_keys:
                 base += " per-channel K"
+            if self.rotate:
+                base += " rotated"
+            if self.layer_bits:
+                base += " layers " + ",".join(f"{layer}:{bits or 16}" for layer, bits in self.layer_bits)
             if self.effective_residual:
                 base += f" res{self.effective_residual}"
             if self.quantized_kv_start:
@@ -110,7 +136,15 @@ class KVConfig:
                     f"{name}={value} is not supported; use one of {', '.join(map(str, SUPPORTED_BITS))}"
                     " (or leave it unset for full precision)"
                 )
-        if self.group_size not in SUPPORTED_GROUP_SIZES:
+        if self.mode not in MODES:
+            raise UserError(f"unknown quantization mode {self.mode!r}; use one of {', '.join(MODES)}")
+        for layer, bits in self.layer_bits:
+            if bits not in (0, *SUPPORTED_BITS):
+                raise UserError(f"layer {layer}: {bits} bits is not supported; use 0 (full precision) or one of "
+                                f"{', '.join(map(str, SUPPORTED_BITS))}")
+        if self.layer_bits and self.mode != "affine":
+            raise UserError("per-layer bits work with affine quantization only")
+        if self.mode == "affine" and self.group_size not in SUPPORTED_GROUP_SIZES:
             raise UserError(
                 f"group size {self.group_size} is not supported; use one of "
                 f"{', '.join(map(str, SUPPORTED_GROUP_SIZES))}"
@@ -134,6 +168,9 @@ class KVConfig:
         if self.per_channel_keys and self.key_bits is None:
             raise UserError("per-channel keys need quantized keys; set bits or k_bits")
         if self.backend == "mlx-lm":
+            if self.per_channel_keys or self.rotate or self.mode != "affine" or self.layer_bits:
+                raise UserError("mlx-lm's QuantizedKVCache has none of rotation, per-channel keys, "
+                                "microscaling or per-layer bits; use an mlxkv config")
             if self.per_channel_keys:
                 raise UserError("mlx-lm's QuantizedKVCache quantizes keys per token only")
             if self.k_bits is not None or self.v_bits is not None:
@@ -143,8 +180,26 @@ class KVConfig:
                     "mlx-lm's QuantizedKVCache cannot rotate; use an mlxkv config for a quantized window"
                 )
 
+    def for_layer(self, layer: int, n_layers: int) -> "KVConfig":
+        """This config with ``layer_bits`` applied to one layer."""
+        for index, bits in self.layer_bits:
+            if index % n_layers == layer:
+                return self.replace(bits=bits or None, k_bits=None, v_bits=None, layer_bits=())
+        return self.replace(layer_bits=()) if self.layer_bits else self
+
+    def check_layer_bits(self, n_layers: int) -> None:
+        for index, _ in self.layer_bits:
+            if not -n_layers <= index < n_layers:
+                raise UserError(f"layer {index} is out of range: the model has {n_layers} layers (0..{n_layers - 1})")
+
     def check_head_dim(self, head_dim: int) -> None:
-        """Group-wise quantization needs groups that tile the head dimension."""
+        """Group-wise quantization needs groups that tile the head dimension; rotation needs
+        a size mx.hadamard_transform supports."""
+        if self.rotate and not _hadamard_size(head_dim):
+            raise UserError(
+                f"rotation needs head_dim = m * 2^k with m in {HADAMARD_BASES}; this model's is {head_dim}: "
+                "drop the rotation"
+            )
         if not self.quantized or head_dim % self.group_size == 0:
             return
         fitting = [g for g in SUPPORTED_GROUP_SIZES if head_dim % g == 0]
@@ -173,6 +228,27 @@ class KVConfig:
         return "\n".join(f"  {name:<12} {desc}" for name, (_, desc) in NAMED_CONFIGS.items())
 
 
+def _hadamard_size(n: int) -> bool:
+    for m in HADAMARD_BASES:
+        if n % m == 0 and (n // m) & (n // m - 1) == 0:
+            return True
+    return False
+
+
+def parse_layer_bits(spec: str) -> tuple[tuple[int, int], ...]:
+    """'0:8,-1:8' -> ((0, 8), (-1, 8)): the --kv-bits-map syntax."""
+    pairs = []
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        layer, sep, bits = item.partition(":")
+        try:
+            pairs.append((int(layer), int(bits)))
+        except ValueError:
+            raise UserError(f"bad --kv-bits-map entry {item!r}: use LAYER:BITS pairs such as '0:8,-1:8'") from None
+        if not sep:
+            raise UserError(f"bad --kv-bits-map entry {item!r}: use LAYER:BITS pairs such as '0:8,-1:8'")
+    return tuple(pairs)
+
+
 def _resolve(specific: int | None, general: int | None) -> int | None:
     if specific is None:
         return general
@@ -188,6 +264,13 @@ NAMED_CONFIGS: dict[str, tuple[dict[str, Any], str]] = {
     "q3": ({"bits": 3}, "3-bit keys and values, group 64, 16-bit residual window"),
     "q2": ({"bits": 2}, "2-bit keys and values, group 64, 16-bit residual window"),
     "k8v4": ({"k_bits": 8, "v_bits": 4}, "8-bit keys, 4-bit values (keys are the sensitive half)"),
+    "q4-rot": ({"bits": 4, "rotate": True}, "4-bit, Hadamard-rotated keys and values"),
+    "q4-kivi": ({"bits": 4, "per_channel_keys": True}, "4-bit, keys per channel (KIVI), values per token"),
+    "q4-kivi-rot": ({"bits": 4, "per_channel_keys": True, "rotate": True}, "4-bit, per-channel keys, rotated"),
+    "mxfp4": ({"mode": "mxfp4"}, "MLX microscaling fp4 (e2m1, 8-bit shared exponent per 32)"),
+    "nvfp4": ({"mode": "nvfp4"}, "NVIDIA-style fp4 (8-bit fp8 scale per 16)"),
+    "mxfp8": ({"mode": "mxfp8"}, "MLX microscaling fp8 (e4m3, 8-bit shared exponent per 32)"),
+    "mxfp4-rot": ({"mode": "mxfp4", "rotate": True}, "mxfp4 with Hadamard rotation"),
     "k4v2": ({"k_bits": 4, "v_bits": 2}, "4-bit keys, 2-bit values"),
     "q8-nores": ({"bits": 8, "residual": 0}, "8-bit, every token packed (no residual window)"),
     "q4-nores": ({"bits": 4, "residual": 0}, "4-bit, every token packed (no residual window)"),

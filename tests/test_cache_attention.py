@@ -14,10 +14,12 @@ from mlxkv.caches import QuantizedCache, SinkWindowCache
 from mlxkv.config import KVConfig
 
 
-def fake_quant(x: mx.array, bits: int | None, group_size: int) -> mx.array:
+def fake_quant(x: mx.array, bits: int | None, group_size: int, mode: str = "affine") -> mx.array:
     """Quantize-dequantize with 16-bit scales, the reference for what the store holds."""
     if bits is None:
         return x
+    if mode != "affine":
+        return mx.dequantize(*mx.quantize(x, mode=mode), mode=mode).astype(mx.float32)
     w, s, b = mx.quantize(x, group_size=group_size, bits=bits)
     s = s.astype(mx.float16).astype(mx.float32)
     b = b.astype(mx.float16).astype(mx.float32)
@@ -40,9 +42,9 @@ def f16_exact(shape, key):
     return mx.random.normal(shape, key=key).astype(mx.float16).astype(mx.float32)
 
 
-def fake_quant_channels(block: mx.array, bits: int, group_size: int) -> mx.array:
+def fake_quant_channels(block: mx.array, bits: int, group_size: int, mode: str = "affine") -> mx.array:
     """Per-channel reference: one group of ``group_size`` tokens, quantized along tokens."""
-    return fake_quant(block.swapaxes(-1, -2), bits, group_size).swapaxes(-1, -2)
+    return fake_quant(block.swapaxes(-1, -2), bits, group_size, mode).swapaxes(-1, -2)
 
 
 def run_against_reference(cache, cfg, chunks, n_q_heads, n_kv_heads, head_dim, visible_fn, residual, sinks=0):
@@ -62,6 +64,8 @@ def run_against_reference(cache, cfg, chunks, n_q_heads, n_kv_heads, head_dim, v
         q = mx.random.normal((1, n_q_heads, n, head_dim), key=k3)
         view, _ = cache.update_and_fetch(k, v)
         out = attend(q, view, scale=head_dim**-0.5)
+        if cfg.rotate:  # the reference works in the rotated space the cache stores
+            k, v, q = mx.hadamard_transform(k), mx.hadamard_transform(v), mx.hadamard_transform(q)
 
         # What the cache should hold: tokens flushed before this step are packed, the rest
         # (16-bit tier and the chunk) exact. Flushes leave at most `residual` tokens behind,
@@ -73,19 +77,21 @@ def run_against_reference(cache, cfg, chunks, n_q_heads, n_kv_heads, head_dim, v
         if cfg.quantized and flushed > sinks:
             if per_channel:
                 packed_k = mx.concatenate(
-                    [fake_quant_channels(keys[..., g : g + unit, :], cfg.key_bits, unit) for g in range(sinks, flushed, unit)],
+                    [fake_quant_channels(keys[..., g : g + unit, :], cfg.key_bits, unit, cfg.mode) for g in range(sinks, flushed, unit)],
                     axis=2,
                 )
             else:
-                packed_k = fake_quant(keys[..., sinks:flushed, :], cfg.key_bits, cfg.group_size)
-            packed_v = fake_quant(values[..., sinks:flushed, :], cfg.value_bits, cfg.group_size)
+                packed_k = fake_quant(keys[..., sinks:flushed, :], cfg.key_bits, cfg.group_size, cfg.mode)
+            packed_v = fake_quant(values[..., sinks:flushed, :], cfg.value_bits, cfg.group_size, cfg.mode)
             keys = mx.concatenate([keys[..., :sinks, :], packed_k, keys[..., flushed:, :]], axis=2)
             values = mx.concatenate([values[..., :sinks, :], packed_v, values[..., flushed:, :]], axis=2)
         k_pos = mx.arange(offset + n)
         q_pos = mx.arange(offset, offset + n)
         ref = reference_attention(q, keys, values, q_pos, k_pos, visible_fn, head_dim**-0.5)
+        if cfg.rotate:
+            ref = mx.hadamard_transform(ref)
         err = mx.abs(out - ref).max().item()
-        assert err < 2e-4, f"step {step} (chunk {n}, offset {offset}): max error {err}"
+        assert err < 3e-4, f"step {step} (chunk {n}, offset {offset}): max error {err}"
         offset += n
         target = max(flushed, offset - residual)
         flushed = target if target <= sinks else target - (target - sinks) % unit
@@ -224,3 +230,53 @@ def test_per_channel_keys_convert_at_quantized_kv_start():
     assert not cache.key_store.lossy and cache.flushed == 37
     cache.update_and_fetch(x[..., 41:, :], x[..., 41:, :])
     assert cache.key_store.lossy and cache.flushed == 32 and cache.offset == 45
+
+
+def test_rotation_is_its_own_inverse():
+    x = mx.random.normal((2, 3, 5, 64))
+    assert mx.allclose(mx.hadamard_transform(mx.hadamard_transform(x)), x, atol=1e-5)
+
+
+def test_rotation_leaves_full_precision_attention_unchanged():
+    plain, rotated = QuantizedCache(KVConfig()), QuantizedCache(KVConfig(rotate=True))
+    for n in (9, 1, 1, 6):
+        k, v, q = (mx.random.normal((1, h, n, 64)) for h in (2, 2, 6))
+        out_plain = attend(q, plain.update_and_fetch(k, v)[0], scale=0.125)
+        out_rotated = attend(q, rotated.update_and_fetch(k, v)[0], scale=0.125)
+        assert mx.abs(out_plain - out_rotated).max().item() < 1e-5
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        KVConfig(bits=4, rotate=True, residual=0),
+        KVConfig(bits=3, rotate=True, per_channel_keys=True, group_size=32, residual=0),
+        KVConfig(k_bits=8, v_bits=4, rotate=True, residual=0),
+        KVConfig(mode="mxfp4", residual=0),
+        KVConfig(mode="nvfp4", residual=0),
+        KVConfig(mode="mxfp8", residual=0),
+        KVConfig(mode="mxfp4", rotate=True, residual=0),
+        KVConfig(mode="mxfp4", per_channel_keys=True, residual=0),
+    ],
+    ids=lambda c: c.describe(),
+)
+def test_rotated_and_microscaling_caches_match_reference(cfg):
+    cache = QuantizedCache(cfg)
+    run_against_reference(cache, cfg, [40, 1, 1, 1, 33, 1, 1], 6, 2, 64, causal, cache.residual)
+
+
+def test_rotation_rejects_head_dims_hadamard_cannot_do():
+    from mlxkv.errors import UserError
+
+    with pytest.raises(UserError, match="rotation needs head_dim"):
+        QuantizedCache(KVConfig(bits=4, group_size=32, rotate=True)).update_and_fetch(
+            mx.ones((1, 2, 1, 36)), mx.ones((1, 2, 1, 36))
+        )
+
+
+def test_microscaling_fixes_bits_and_group_size():
+    from mlxkv.errors import UserError
+
+    assert (KVConfig(mode="nvfp4").bits, KVConfig(mode="nvfp4").group_size) == (4, 16)
+    with pytest.raises(UserError, match="mxfp4 is 4-bit"):
+        KVConfig(mode="mxfp4", bits=8)

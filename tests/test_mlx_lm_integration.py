@@ -286,3 +286,25 @@ def test_group_size_must_divide_head_dim():
 def test_unknown_config_name_lists_the_known_ones():
     with pytest.raises(mlxkv.UserError, match="known: fp16, q8"):
         mlxkv.KVConfig.from_name("q7")
+
+
+def test_per_layer_bits_reach_the_right_layers():
+    model = tiny_model("llama", head_dim=64, num_hidden_layers=4)
+    caches = mlxkv.make_kv_cache(model, mlxkv.KVConfig(bits=4, layer_bits=((0, 8), (-1, 0))))
+    assert [c.config.key_bits for c in caches] == [8, 4, 4, None]
+    run_logits(model, caches, tokens(40), chunks=(40,))
+    assert [getattr(c.key_store, "bits", None) for c in caches] == [8, 4, 4, None]
+
+
+@pytest.mark.parametrize("spec,message", [("0:8,x:4", "LAYER:BITS"), ("3", "LAYER:BITS"), ("0:7", "7 bits")])
+def test_bad_bit_maps_are_clear_errors(spec, message):
+    from mlxkv.config import parse_layer_bits
+
+    with pytest.raises(mlxkv.UserError, match=message):
+        mlxkv.KVConfig(bits=4, layer_bits=parse_layer_bits(spec))
+
+
+def test_bit_map_layer_out_of_range():
+    model = tiny_model("llama", head_dim=64)  # 2 layers
+    with pytest.raises(mlxkv.UserError, match="layer 5 is out of range"):
+        mlxkv.make_kv_cache(model, mlxkv.KVConfig(bits=4, layer_bits=((5, 8),)))

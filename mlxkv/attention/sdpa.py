@@ -30,7 +30,13 @@ def attend(
 
     ``sinks``: learned per-head logits that join the softmax denominator (gpt-oss).
     """
-    segments = view.segments
+    if view.rotated:  # H is orthonormal and symmetric: (Hq)·(Hk) = q·k, and H(Σ p Hv) = Σ p v
+        out = _attend(mx.hadamard_transform(queries), view.segments, scale, sinks)
+        return mx.hadamard_transform(out)
+    return _attend(queries, view.segments, scale, sinks)
+
+
+def _attend(queries: mx.array, segments: list, scale: float, sinks: mx.array | None) -> mx.array:
     only = segments[0]
     if (
         len(segments) == 1

@@ -39,7 +39,11 @@ class Segment:
 
 @dataclass
 class KVView:
+    """``rotated``: keys and values were stored Hadamard-rotated; attention rotates the
+    queries the same way and rotates the output back."""
+
     segments: list[Segment]
+    rotated: bool = False
 
     def __getattr__(self, name: str):
         raise NotAnArrayError(

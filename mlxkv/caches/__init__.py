@@ -2,9 +2,9 @@
 
 from mlxkv.caches.cache import ComposedCache, QuantizedCache, SinkWindowCache
 from mlxkv.caches.policy import KeepAll, SinkWindow
-from mlxkv.caches.storage import AffineStore, DenseStore, TensorStore
+from mlxkv.caches.storage import ChannelQuantizedStore, DenseStore, QuantizedStore, TensorStore
 
 __all__ = [
-    "AffineStore", "ComposedCache", "DenseStore", "KeepAll", "QuantizedCache",
-    "SinkWindow", "SinkWindowCache", "TensorStore",
+    "ChannelQuantizedStore", "ComposedCache", "DenseStore", "KeepAll", "QuantizedCache",
+    "QuantizedStore", "SinkWindow", "SinkWindowCache", "TensorStore",
 ]

@@ -58,8 +58,8 @@ class ComposedCache:
         if not self.packed:
             return make_store(None, cfg.group_size, cap), make_store(None, cfg.group_size, cap)
         return (
-            make_store(cfg.key_bits, cfg.group_size, cap, per_channel=cfg.per_channel_keys),
-            make_store(cfg.value_bits, cfg.group_size, cap),
+            make_store(cfg.key_bits, cfg.group_size, cap, per_channel=cfg.per_channel_keys, mode=cfg.mode),
+            make_store(cfg.value_bits, cfg.group_size, cap, mode=cfg.mode),
         )
 
     @staticmethod
@@ -109,6 +109,8 @@ class ComposedCache:
                 self.config.check_head_dim(keys.shape[-1])
                 self.config.check_head_dim(values.shape[-1])
         self._maybe_start_quantizing()
+        if self.config.rotate:  # spread outlier channels over the group before quantizing
+            keys, values = mx.hadamard_transform(keys), mx.hadamard_transform(values)
         n = keys.shape[2]
         first, end = self.offset, self.offset + n
         flushed = self.flushed
@@ -154,7 +156,7 @@ class ComposedCache:
                 history = self._history_segment(first, n, new_flushed, hide_from=flushed)
             exact = self._exact_segment(sink_keys, sink_values, new_keys, new_values, flushed, first)
             segments = [history, exact]
-        view = KVView([s for s in segments if s is not None])
+        view = KVView([s for s in segments if s is not None], rotated=self.config.rotate)
         return view, view
 
     def _history_segment(

@@ -39,8 +39,9 @@ def make_kv_cache(model: nn.Module, config: KVConfig | str | None = None) -> lis
     head_dim = model_head_dim(model)
     if head_dim is not None:
         config.check_head_dim(head_dim)
+    config.check_layer_bits(len(template))
     hook.install()
-    return [_mlxkv_cache(c, config) for c in template]
+    return [_mlxkv_cache(c, config.for_layer(i, len(template))) for i, c in enumerate(template)]
 
 
 def _mlxkv_cache(layer_cache: Any, config: KVConfig) -> Any:

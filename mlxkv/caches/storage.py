@@ -130,44 +130,52 @@ class DenseStore(TensorStore):
         return x @ (y.swapaxes(-1, -2) if transpose else y)
 
 
-class AffineStore(TensorStore):
-    """Group-wise affine quantization (``mx.quantize``): ``bits`` per element plus a 16-bit
-    scale and bias per ``group_size`` elements, e.g. 4-bit g64 = 4.5 bits per element.
+class QuantizedStore(TensorStore):
+    """Group-wise quantization with ``mx.quantize``.
 
-    Scales and biases stay 16-bit even when the model computes in float32 (on a CPU
-    device), so a cache takes the same bytes everywhere; ``mx.quantized_matmul`` takes
-    float32 inputs with float16 scales at the same speed.
+    mode "affine": ``bits`` per element plus a 16-bit scale and bias per ``group_size``
+    elements (4-bit g64 = 4.5 bits per element). Scales and biases stay 16-bit even when
+    the model computes in float32 (on a CPU device), so a cache takes the same bytes
+    everywhere; ``mx.quantized_matmul`` takes float32 inputs with float16 scales at the
+    same speed. Microscaling modes ("mxfp4", "nvfp4", "mxfp8"): floating-point elements
+    with one 8-bit scale per group and no bias.
     """
 
     lossy = True
 
-    def __init__(self, bits: int, group_size: int, max_slots: int | None = None) -> None:
+    def __init__(self, bits: int, group_size: int, max_slots: int | None = None, mode: str = "affine") -> None:
         super().__init__(max_slots)
         self.bits = bits
         self.group_size = group_size
+        self.mode = mode
 
     def params(self) -> dict[str, Any]:
-        return {**super().params(), "bits": self.bits, "group_size": self.group_size}
+        return {**super().params(), "bits": self.bits, "group_size": self.group_size, "mode": self.mode}
+
+    def _format(self) -> dict[str, Any]:
+        return {"group_size": self.group_size, "bits": self.bits, "mode": self.mode}
 
     def encode(self, x: mx.array) -> Parts:
-        w, scales, biases = mx.quantize(x, group_size=self.group_size, bits=self.bits)
+        if self.mode != "affine":
+            return tuple(mx.quantize(x, **self._format()))
+        w, scales, biases = mx.quantize(x, **self._format())
         scale_dtype = x.dtype if x.dtype in (mx.float16, mx.bfloat16) else mx.float16
         return w, scales.astype(scale_dtype), biases.astype(scale_dtype)
 
     def decode(self, parts: Parts) -> mx.array:
+        if self.mode != "affine":
+            return mx.dequantize(*parts, **self._format()).astype(mx.float32)
         w, scales, biases = parts
-        return mx.dequantize(
-            w, scales.astype(mx.float32), biases.astype(mx.float32),
-            group_size=self.group_size, bits=self.bits,
-        )
+        return mx.dequantize(w, scales.astype(mx.float32), biases.astype(mx.float32), **self._format())
 
     def matmul(self, x: mx.array, parts: Parts, transpose: bool) -> mx.array:
-        return mx.quantized_matmul(
-            x, *parts, transpose=transpose, group_size=self.group_size, bits=self.bits
-        )
+        if self.mode != "affine":
+            w, scales = parts
+            return mx.quantized_matmul(x, w, scales, None, transpose=transpose, **self._format())
+        return mx.quantized_matmul(x, *parts, transpose=transpose, **self._format())
 
 
-class ChannelAffineStore(AffineStore):
+class ChannelQuantizedStore(QuantizedStore):
     """Keys quantized per channel, in groups of ``group_size`` consecutive tokens (KIVI).
 
     Key outliers sit in a few channels; a scale per channel keeps them from crushing the
@@ -204,20 +212,20 @@ class ChannelAffineStore(AffineStore):
 
 
 def make_store(
-    bits: int | None, group_size: int, max_slots: int | None = None, per_channel: bool = False
+    bits: int | None, group_size: int, max_slots: int | None = None,
+    per_channel: bool = False, mode: str = "affine",
 ) -> TensorStore:
-    """The store for one tensor: dense when ``bits`` is None, else affine (per token, or per
-    channel over groups of tokens)."""
+    """The store for one tensor: dense when ``bits`` is None, else quantized (per token, or
+    per channel over groups of tokens)."""
     if bits is None:
         return DenseStore(max_slots)
-    if per_channel:
-        return ChannelAffineStore(bits, group_size, max_slots)
-    return AffineStore(bits, group_size, max_slots)
+    kind = ChannelQuantizedStore if per_channel else QuantizedStore
+    return kind(bits, group_size, max_slots, mode)
 
 
 def store_from_params(kind: str, params: dict[str, Any]) -> TensorStore:
     """Rebuild an empty store from ``type(store).__name__`` and ``store.params()``."""
-    kinds = {cls.__name__: cls for cls in (DenseStore, AffineStore, ChannelAffineStore)}
+    kinds = {cls.__name__: cls for cls in (DenseStore, QuantizedStore, ChannelQuantizedStore)}
     if kind not in kinds:
         raise ValueError(f"unknown store kind {kind!r} in a saved cache")
     return kinds[kind](**params)

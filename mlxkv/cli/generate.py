@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from mlxkv.config import KVConfig
+from mlxkv.config import MODES, KVConfig, parse_layer_bits
 from mlxkv.errors import UserError
 
 
@@ -30,6 +30,13 @@ def add_kv_arguments(parser: argparse.ArgumentParser) -> None:
                     help="keep full precision until the cache holds this many tokens (default 0)")
     kv.add_argument("--kv-residual", type=int, metavar="TOKENS",
                     help="newest tokens kept in 16-bit beside the packed cache (default 32)")
+    kv.add_argument("--kv-mode", choices=MODES, help="affine (default) or one of MLX's microscaling formats")
+    kv.add_argument("--kv-rotate", action="store_true", default=None,
+                    help="Hadamard-rotate keys/queries and values before quantizing (spreads outliers)")
+    kv.add_argument("--per-channel-keys", action="store_true", default=None,
+                    help="quantize keys per channel over groups of tokens (KIVI)")
+    kv.add_argument("--kv-bits-map", type=parse_layer_bits, metavar="MAP",
+                    help="per-layer bits, e.g. '0:8,-1:8' (negative layers count from the end; 0 bits = full precision)")
 
 
 def _bits_arg(text: str) -> int:
@@ -50,6 +57,10 @@ def kv_config_from_args(args: argparse.Namespace) -> KVConfig:
         "sinks": args.sinks,
         "quantized_kv_start": args.quantized_kv_start,
         "residual": args.kv_residual,
+        "mode": args.kv_mode,
+        "rotate": args.kv_rotate,
+        "per_channel_keys": args.per_channel_keys,
+        "layer_bits": args.kv_bits_map,
     }
     overrides = {k: v for k, v in fields.items() if v is not None}
     if args.kv_config:
