@@ -49,6 +49,9 @@ class KVConfig:
         microscaling formats "mxfp4", "nvfp4", "mxfp8" (bits and group size implied).
     layer_bits: ((layer, bits), ...) per-layer overrides of ``bits`` (negative layers count
         from the end; bits 0 = full precision), e.g. ((0, 8), (-1, 8)).
+    adaptive: ((tokens, bits), ...) context-adaptive precision: full precision until the
+        cache holds the first step's tokens, then each step's bits, converted in place,
+        e.g. ((1024, 8), (4096, 4)). ``bits`` becomes the last step's.
     backend: "mlxkv" (ours) or "mlx-lm" (mlx-lm's own caches, as a baseline).
     """
 
@@ -64,6 +67,7 @@ class KVConfig:
     rotate: bool = False
     mode: str = "affine"
     layer_bits: tuple[tuple[int, int], ...] = ()
+    adaptive: tuple[tuple[int, int], ...] = ()
     backend: str = "mlxkv"
 
     def __post_init__(self) -> None:
@@ -74,7 +78,22 @@ class KVConfig:
             object.__setattr__(self, "bits", bits)
             object.__setattr__(self, "group_size", group)
         object.__setattr__(self, "layer_bits", tuple(tuple(pair) for pair in self.layer_bits))
+        object.__setattr__(self, "adaptive", tuple(tuple(pair) for pair in self.adaptive))
+        if self.adaptive:
+            last = self.adaptive[-1][1]
+            if self.bits not in (None, last) or self.k_bits is not None or self.v_bits is not None:
+                raise UserError("with adaptive precision the steps set the bits; drop the other bits settings")
+            if self.quantized_kv_start:
+                raise UserError("adaptive precision replaces quantized_kv_start; give the first step's token count instead")
+            object.__setattr__(self, "bits", last)
         self.validate()
+
+    @property
+    def precision_steps(self) -> tuple[tuple[int, int | None, int | None], ...]:
+        """(from token, key bits, value bits) stages, full precision before the first."""
+        if self.adaptive:
+            return tuple((tokens, bits, bits) for tokens, bits in self.adaptive)
+        return ((self.quantized_kv_start, self.key_bits, self.value_bits),)
 
     # -- derived -------------------------------------------------------------
     @property
@@ -119,6 +138,8 @@ class KVConfig:
                 base += f" res{self.effective_residual}"
             if self.quantized_kv_start:
                 base += f" from token {self.quantized_kv_start}"
+            if self.adaptive:
+                base += " adaptive " + " -> ".join(["fp"] + [f"{b}-bit@{t}" for t, b in self.adaptive])
         if self.max_kv is not None:
             base += f", window {self.sinks}+{self.max_kv - self.sinks}"
         return base
@@ -142,6 +163,12 @@ class KVConfig:
             if bits not in (0, *SUPPORTED_BITS):
                 raise UserError(f"layer {layer}: {bits} bits is not supported; use 0 (full precision) or one of "
                                 f"{', '.join(map(str, SUPPORTED_BITS))}")
+        starts = [tokens for tokens, _ in self.adaptive]
+        if starts != sorted(set(starts)) or any(t < 0 for t in starts):
+            raise UserError("adaptive steps need increasing token counts, e.g. ((1024, 8), (4096, 4))")
+        for _, bits in self.adaptive:
+            if bits not in SUPPORTED_BITS:
+                raise UserError(f"adaptive step of {bits} bits is not supported; use one of {', '.join(map(str, SUPPORTED_BITS))}")
         if self.layer_bits and self.mode != "affine":
             raise UserError("per-layer bits work with affine quantization only")
         if self.mode == "affine" and self.group_size not in SUPPORTED_GROUP_SIZES:
@@ -235,18 +262,28 @@ def _hadamard_size(n: int) -> bool:
     return False
 
 
-def parse_layer_bits(spec: str) -> tuple[tuple[int, int], ...]:
-    """'0:8,-1:8' -> ((0, 8), (-1, 8)): the --kv-bits-map syntax."""
+def parse_pairs(spec: str, what: str, example: str) -> tuple[tuple[int, int], ...]:
+    """'0:8,-1:8' -> ((0, 8), (-1, 8)): the syntax of --kv-bits-map and --kv-adaptive."""
     pairs = []
     for item in filter(None, (part.strip() for part in spec.split(","))):
-        layer, sep, bits = item.partition(":")
+        left, sep, right = item.partition(":")
         try:
-            pairs.append((int(layer), int(bits)))
+            if not sep:
+                raise ValueError
+            pairs.append((int(left), int(right)))
         except ValueError:
-            raise UserError(f"bad --kv-bits-map entry {item!r}: use LAYER:BITS pairs such as '0:8,-1:8'") from None
-        if not sep:
-            raise UserError(f"bad --kv-bits-map entry {item!r}: use LAYER:BITS pairs such as '0:8,-1:8'")
+            raise UserError(f"bad {what} entry {item!r}: use pairs such as '{example}'") from None
     return tuple(pairs)
+
+
+def parse_layer_bits(spec: str) -> tuple[tuple[int, int], ...]:
+    """--kv-bits-map '0:8,-1:8': LAYER:BITS pairs."""
+    return parse_pairs(spec, "--kv-bits-map (LAYER:BITS)", "0:8,-1:8")
+
+
+def parse_adaptive(spec: str) -> tuple[tuple[int, int], ...]:
+    """--kv-adaptive '1024:8,4096:4': TOKENS:BITS steps."""
+    return parse_pairs(spec, "--kv-adaptive (TOKENS:BITS)", "1024:8,4096:4")
 
 
 def _resolve(specific: int | None, general: int | None) -> int | None:
@@ -271,6 +308,7 @@ NAMED_CONFIGS: dict[str, tuple[dict[str, Any], str]] = {
     "nvfp4": ({"mode": "nvfp4"}, "NVIDIA-style fp4 (8-bit fp8 scale per 16)"),
     "mxfp8": ({"mode": "mxfp8"}, "MLX microscaling fp8 (e4m3, 8-bit shared exponent per 32)"),
     "mxfp4-rot": ({"mode": "mxfp4", "rotate": True}, "mxfp4 with Hadamard rotation"),
+    "adaptive": ({"adaptive": ((1024, 8), (4096, 4))}, "full precision to 1K tokens, 8-bit to 4K, then 4-bit"),
     "k4v2": ({"k_bits": 4, "v_bits": 2}, "4-bit keys, 2-bit values"),
     "q8-nores": ({"bits": 8, "residual": 0}, "8-bit, every token packed (no residual window)"),
     "q4-nores": ({"bits": 4, "residual": 0}, "4-bit, every token packed (no residual window)"),

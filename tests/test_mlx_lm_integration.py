@@ -308,3 +308,31 @@ def test_bit_map_layer_out_of_range():
     model = tiny_model("llama", head_dim=64)  # 2 layers
     with pytest.raises(mlxkv.UserError, match="layer 5 is out of range"):
         mlxkv.make_kv_cache(model, mlxkv.KVConfig(bits=4, layer_bits=((5, 8),)))
+
+
+def test_adaptive_precision_keeps_generating_the_same_tokens_up_to_the_switch():
+    model = model_for("llama")
+    prompt = tokens(20)
+    config = mlxkv.KVConfig(adaptive=((60, 8), (100, 4)), residual=4)
+    cache = mlxkv.make_kv_cache(model, config)
+    ours = [int(t) for t, _ in generate_step(prompt, model, max_tokens=100, prompt_cache=cache)]
+    ref = [int(t) for t, _ in generate_step(prompt, model, max_tokens=100, prompt_cache=make_prompt_cache(model))]
+    assert ours[:40] == ref[:40]  # positions < 60: full precision, identical
+    assert all(c.key_store.bits == 4 for c in cache)  # converted in place twice
+
+
+def test_adaptive_steps_convert_in_place():
+    cache = QuantizedCache(mlxkv.KVConfig(adaptive=((4, 8), (8, 4)), residual=0))
+    x = mx.random.normal((1, 2, 1, 64))
+    bits = []
+    for _ in range(10):
+        cache.update_and_fetch(x, x)
+        bits.append(getattr(cache.key_store, "bits", None))
+    assert bits == [None] * 4 + [8] * 4 + [4] * 2
+
+
+def test_bad_adaptive_steps():
+    with pytest.raises(mlxkv.UserError, match="increasing token counts"):
+        mlxkv.KVConfig(adaptive=((4096, 4), (1024, 8)))
+    with pytest.raises(mlxkv.UserError, match="steps set the bits"):
+        mlxkv.KVConfig(adaptive=((1024, 8),), bits=4)

@@ -49,17 +49,17 @@ class ComposedCache:
         self.sink_keys: mx.array | None = None  # positions [0, min(flushed, sinks))
         self.sink_values: mx.array | None = None
         self.tier_dtype = mx.float16  # of the 16-bit tiers; bfloat16 for bfloat16 models
-        self.packed = config.quantized and config.quantized_kv_start == 0
+        self.stage = -1  # index into config.precision_steps; -1 = full precision
         self.key_store, self.value_store = self._make_stores()
+        self._maybe_change_precision()
 
     # -- construction -------------------------------------------------------------
     def _make_stores(self) -> tuple[TensorStore, TensorStore]:
         cfg, cap = self.config, self.policy.capacity
-        if not self.packed:
-            return make_store(None, cfg.group_size, cap), make_store(None, cfg.group_size, cap)
+        _, key_bits, value_bits = cfg.precision_steps[self.stage] if self.stage >= 0 else (0, None, None)
         return (
-            make_store(cfg.key_bits, cfg.group_size, cap, per_channel=cfg.per_channel_keys, mode=cfg.mode),
-            make_store(cfg.value_bits, cfg.group_size, cap, mode=cfg.mode),
+            make_store(key_bits, cfg.group_size, cap, per_channel=cfg.per_channel_keys and key_bits is not None, mode=cfg.mode),
+            make_store(value_bits, cfg.group_size, cap, mode=cfg.mode),
         )
 
     @staticmethod
@@ -71,17 +71,20 @@ class ComposedCache:
         sinks = self.policy.sinks
         return flushed if flushed <= sinks else flushed - (flushed - sinks) % unit
 
-    def _maybe_start_quantizing(self) -> None:
-        """quantized_kv_start: re-encode the full-precision store in place, once."""
-        if self.packed or not self.config.quantized or self.offset < self.config.quantized_kv_start:
+    def _maybe_change_precision(self) -> None:
+        """quantized_kv_start / adaptive steps: once the cache holds a step's tokens,
+        re-encode the stores in place at that step's bits."""
+        steps = self.config.precision_steps
+        if not self.config.quantized or self.stage + 1 >= len(steps) or self.offset < steps[self.stage + 1][0]:
             return
-        self.packed = True
-        dense_k, dense_v = self.key_store, self.value_store
+        while self.stage + 1 < len(steps) and self.offset >= steps[self.stage + 1][0]:
+            self.stage += 1
+        old_k, old_v = self.key_store, self.value_store
         new_k, new_v = self._make_stores()
         # Stores written a group at a time take whole groups: the rest returns to the 16-bit tier.
-        self._return_to_recent(self._align(self.flushed, self._flush_unit(new_k, new_v)), dense_k, dense_v)
-        self.key_store = convert_store(dense_k, new_k)
-        self.value_store = convert_store(dense_v, new_v)
+        self._return_to_recent(self._align(self.flushed, self._flush_unit(new_k, new_v)), old_k, old_v)
+        self.key_store = convert_store(old_k, new_k)
+        self.value_store = convert_store(old_v, new_v)
 
     def _return_to_recent(self, aligned: int, key_store: TensorStore, value_store: TensorStore) -> None:
         """Move positions ``aligned .. flushed`` from the stores back to the 16-bit recent tier."""
@@ -108,7 +111,7 @@ class ComposedCache:
             if self.config.quantized:
                 self.config.check_head_dim(keys.shape[-1])
                 self.config.check_head_dim(values.shape[-1])
-        self._maybe_start_quantizing()
+        self._maybe_change_precision()
         if self.config.rotate:  # spread outlier channels over the group before quantizing
             keys, values = mx.hadamard_transform(keys), mx.hadamard_transform(values)
         n = keys.shape[2]
@@ -262,7 +265,7 @@ class ComposedCache:
                 "residual": self.residual,
                 "offset": self.offset,
                 "flushed": self.flushed,
-                "packed": self.packed,
+                "stage": self.stage,
                 "key_store": [type(self.key_store).__name__, self.key_store.params()],
                 "value_store": [type(self.value_store).__name__, self.value_store.params()],
             }
@@ -288,7 +291,7 @@ class ComposedCache:
         self.config = KVConfig(**meta["config"])
         self.policy = policy_from_params(meta["policy"])
         self.residual, self.offset, self.flushed = meta["residual"], meta["offset"], meta["flushed"]
-        self.packed = meta["packed"]
+        self.stage = meta["stage"]
         self.key_store = store_from_params(*meta["key_store"])
         self.value_store = store_from_params(*meta["value_store"])
         self.key_store.parts = tuple(state.get("keys") or ()) or None

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from mlxkv.config import MODES, KVConfig, parse_layer_bits
+from mlxkv.config import MODES, KVConfig, parse_adaptive, parse_layer_bits
 from mlxkv.errors import UserError
 
 
@@ -35,6 +35,8 @@ def add_kv_arguments(parser: argparse.ArgumentParser) -> None:
                     help="Hadamard-rotate keys/queries and values before quantizing (spreads outliers)")
     kv.add_argument("--per-channel-keys", action="store_true", default=None,
                     help="quantize keys per channel over groups of tokens (KIVI)")
+    kv.add_argument("--kv-adaptive", type=parse_adaptive, metavar="STEPS",
+                    help="context-adaptive precision: full precision, then TOKENS:BITS steps, e.g. '1024:8,4096:4'")
     kv.add_argument("--kv-bits-map", type=parse_layer_bits, metavar="MAP",
                     help="per-layer bits, e.g. '0:8,-1:8' (negative layers count from the end; 0 bits = full precision)")
 
@@ -61,6 +63,7 @@ def kv_config_from_args(args: argparse.Namespace) -> KVConfig:
         "rotate": args.kv_rotate,
         "per_channel_keys": args.per_channel_keys,
         "layer_bits": args.kv_bits_map,
+        "adaptive": args.kv_adaptive,
     }
     overrides = {k: v for k, v in fields.items() if v is not None}
     if args.kv_config:
