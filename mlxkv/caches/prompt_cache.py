@@ -14,10 +14,10 @@ from typing import Any
 
 import mlx_lm.models.cache as mlx_lm_cache
 
-from mlxkv.caches.cache import ComposedCache, QuantizedCache, SinkWindowCache
+from mlxkv.caches.cache import ComposedCache, HeavyHitterCache, QuantizedCache, SinkWindowCache
 from mlxkv.errors import UserError
 
-_OURS = (ComposedCache, QuantizedCache, SinkWindowCache)
+_OURS = (ComposedCache, QuantizedCache, SinkWindowCache, HeavyHitterCache)
 
 
 def register_classes() -> None:
@@ -71,8 +71,8 @@ class PromptCacheFile:
             raise UserError(
                 f"{self.path} was saved for model {meta.get('mlxkv_model')}, not {model_id}; use another file name"
             )
-        if json.loads(meta["mlxkv_config"]) != dataclasses.asdict(config):
-            saved = type(config)(**json.loads(meta["mlxkv_config"]))
+        saved = type(config)(**json.loads(meta["mlxkv_config"]))
+        if saved != config:
             raise UserError(
                 f"{self.path} was saved with KV cache '{saved.describe()}'; pass the same KV flags or use another file name"
             )

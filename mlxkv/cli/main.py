@@ -16,8 +16,15 @@ SUBCOMMANDS = {
 }
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    """Usage mistakes as one line that says where to look, not a usage dump."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrors(
         prog="mlxkv",
         description="Long-context generation with MLX on a small, bounded KV cache.",
         epilog="Run 'mlxkv COMMAND --help' for the options of one command.",

