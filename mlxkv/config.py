@@ -18,6 +18,7 @@ BACKENDS = ("mlxkv", "mlx-lm")
 MICROSCALING = {"mxfp4": (4, 32), "nvfp4": (4, 16), "mxfp8": (8, 32)}
 """MLX's microscaling formats: (bits, group size). Each group shares one 8-bit scale."""
 MODES = ("affine", *MICROSCALING)
+EVICTIONS = ("window", "h2o")
 HADAMARD_BASES = (1, 12, 20, 28)
 """mx.hadamard_transform sizes: m * 2^k for these m."""
 
@@ -35,8 +36,8 @@ class KVConfig:
     k_bits / v_bits: override ``bits`` for keys or values alone (K8V4 = k_bits=8, v_bits=4);
         0 forces full precision for that tensor.
     group_size: elements sharing one scale and bias (2 x 16 bits per group).
-    max_kv: None keeps every token; else a bounded window of ``max_kv`` tokens: the first
-        ``sinks`` tokens plus the most recent ones (StreamingLLM).
+    max_kv: None keeps every token; else a budget of ``max_kv`` tokens: the first ``sinks``
+        tokens plus the most recent ones (StreamingLLM), or as ``evict`` says.
     quantized_kv_start: stay full precision until the cache holds this many tokens.
     residual: the most recent tokens kept in 16-bit beside the packed store (quantized
         configs only), flushed into the packed store as newer tokens arrive.
@@ -53,6 +54,10 @@ class KVConfig:
         cache holds the first step's tokens, then each step's bits, converted in place,
         e.g. ((1024, 8), (4096, 4)). ``bits`` becomes the last step's.
     backend: "mlxkv" (ours) or "mlx-lm" (mlx-lm's own caches, as a baseline).
+    evict: what a ``max_kv`` budget keeps. "window": the sinks plus the most recent tokens
+        (StreamingLLM). "h2o": the sinks, the newest ``residual`` tokens (16-bit, even for
+        full-precision configs) and the older tokens with the highest accumulated attention
+        (heavy hitters, H2O), ``max_kv`` tokens in all.
     """
 
     bits: int | None = None
@@ -69,6 +74,7 @@ class KVConfig:
     layer_bits: tuple[tuple[int, int], ...] = ()
     adaptive: tuple[tuple[int, int], ...] = ()
     backend: str = "mlxkv"
+    evict: str = "window"
 
     def __post_init__(self) -> None:
         if self.mode in MICROSCALING:  # the format fixes bits and group size
@@ -112,8 +118,8 @@ class KVConfig:
 
     @property
     def effective_residual(self) -> int:
-        """The residual only exists next to a packed store."""
-        return self.residual if (self.quantized and self.backend == "mlxkv") else 0
+        """The residual only exists next to a packed store, or as the recent window H2O protects."""
+        return self.residual if ((self.quantized or self.evict == "h2o") and self.backend == "mlxkv") else 0
 
     def replace(self, **changes: Any) -> "KVConfig":
         return dataclasses.replace(self, **changes)
@@ -140,7 +146,10 @@ class KVConfig:
                 base += f" from token {self.quantized_kv_start}"
             if self.adaptive:
                 base += " adaptive " + " -> ".join(["fp"] + [f"{b}-bit@{t}" for t, b in self.adaptive])
-        if self.max_kv is not None:
+        if self.max_kv is not None and self.evict == "h2o":
+            heavy = self.max_kv - self.sinks - self.effective_residual
+            base += f", h2o {self.max_kv} = {self.sinks} sinks + {heavy} heavy hitters + {self.effective_residual} recent"
+        elif self.max_kv is not None:
             base += f", window {self.sinks}+{self.max_kv - self.sinks}"
         return base
 
@@ -179,6 +188,10 @@ class KVConfig:
         for name in ("sinks", "quantized_kv_start", "residual"):
             if getattr(self, name) < 0:
                 raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.evict not in EVICTIONS:
+            raise UserError(f"unknown eviction {self.evict!r}; use one of {', '.join(EVICTIONS)}")
+        if self.evict == "h2o":
+            self._validate_h2o()
         if self.max_kv is not None:
             if self.max_kv <= 0:
                 raise UserError(f"max_kv must be a positive number of tokens, got {self.max_kv}")
@@ -206,6 +219,22 @@ class KVConfig:
                 raise UserError(
                     "mlx-lm's QuantizedKVCache cannot rotate; use an mlxkv config for a quantized window"
                 )
+
+    def _validate_h2o(self) -> None:
+        if self.backend == "mlx-lm":
+            raise UserError("mlx-lm's caches cannot evict heavy hitters; use an mlxkv config for evict=h2o")
+        if self.max_kv is None:
+            raise UserError("evict=h2o needs a token budget: set max_kv (--max-kv)")
+        if self.residual < 1:
+            raise UserError("evict=h2o protects the newest `residual` tokens and scores tokens there; set residual >= 1")
+        if self.max_kv - self.sinks - self.residual < 1:
+            raise UserError(
+                f"evict=h2o needs room for heavy hitters: max_kv={self.max_kv} must exceed sinks + residual "
+                f"({self.sinks} + {self.residual}); raise max_kv or lower sinks or residual"
+            )
+        if self.per_channel_keys:
+            raise UserError("evict=h2o places single tokens, per-channel keys are written in groups of tokens; "
+                            "drop per_channel_keys or use evict=window")
 
     def for_layer(self, layer: int, n_layers: int) -> "KVConfig":
         """This config with ``layer_bits`` applied to one layer."""
@@ -339,7 +368,7 @@ def parse_config_spec(spec: str) -> KVConfig:
 
 def _parse_field_value(field: dataclasses.Field, raw: str, spec: str) -> Any:
     key = field.name
-    if key == "backend":
+    if field.type == "str":  # backend, mode, evict
         return raw
     if raw.lower() == "none":
         if "None" not in str(field.type):

@@ -6,6 +6,9 @@ packed data), never on a dequantized copy of the cache; one softmax spans all se
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable
+
 import mlx.core as mx
 
 from mlxkv.attention.view import KVView, Mask
@@ -31,15 +34,19 @@ def attend(
     ``sinks``: learned per-head logits that join the softmax denominator (gpt-oss).
     """
     if view.rotated:  # H is orthonormal and symmetric: (Hq)·(Hk) = q·k, and H(Σ p Hv) = Σ p v
-        out = _attend(mx.hadamard_transform(queries), view.segments, scale, sinks)
+        out = _attend(mx.hadamard_transform(queries), view.segments, scale, sinks, view.observer)
         return mx.hadamard_transform(out)
-    return _attend(queries, view.segments, scale, sinks)
+    return _attend(queries, view.segments, scale, sinks, view.observer)
 
 
-def _attend(queries: mx.array, segments: list, scale: float, sinks: mx.array | None) -> mx.array:
+def _attend(
+    queries: mx.array, segments: list, scale: float, sinks: mx.array | None,
+    observer: Callable[[list[mx.array]], None] | None = None,
+) -> mx.array:
     only = segments[0]
     if (
-        len(segments) == 1
+        observer is None  # the fused kernel does not expose its weights
+        and len(segments) == 1
         and type(only.key_store) is DenseStore
         and type(only.value_store) is DenseStore
     ):
@@ -71,6 +78,10 @@ def _attend(queries: mx.array, segments: list, scale: float, sinks: mx.array | N
     else:
         weights = mx.softmax(scores, axis=-1, precise=True)
     weights = weights.reshape(B, n_kv_heads, n_rep * L, -1)
+    if observer is not None:
+        totals = weights.astype(mx.float32).sum(axis=(0, 1, 2))
+        ends = list(itertools.accumulate(seg.length for seg in segments))
+        observer([totals[end - seg.length : end] for seg, end in zip(segments, ends)])
 
     out = None
     start = 0

@@ -8,6 +8,7 @@ can multiply with it and a mask saying which tokens each query sees.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -40,10 +41,13 @@ class Segment:
 @dataclass
 class KVView:
     """``rotated``: keys and values were stored Hadamard-rotated; attention rotates the
-    queries the same way and rotates the output back."""
+    queries the same way and rotates the output back. ``observer``: called by attention with
+    each segment's attention weights, summed over batch, heads and queries (one float32
+    array per segment, in order): how a cache that evicts by attention learns the scores."""
 
     segments: list[Segment]
     rotated: bool = False
+    observer: Callable[[list[mx.array]], None] | None = None
 
     def __getattr__(self, name: str):
         raise NotAnArrayError(

@@ -5,8 +5,9 @@ are flushed into the stores (keys and values each with their own encoding), plac
 policy. Attention sees the packed history plus the exact recent tokens and the new chunk,
 so a prompt chunk attends to itself exactly and only the history is quantized.
 
-``QuantizedCache`` keeps every token; ``SinkWindowCache`` keeps the sinks plus a window.
-Both are full precision when their config has no bits. They follow mlx-lm's protocol
+``QuantizedCache`` keeps every token; ``SinkWindowCache`` keeps the sinks plus a window;
+``HeavyHitterCache`` keeps the sinks, the recent tier and the tokens attention used most.
+All are full precision when their config has no bits. They follow mlx-lm's protocol
 (``update_and_fetch``, ``state``, ``meta_state``, ``offset``, ``trim``, ``nbytes``,
 ``make_mask``, ``empty``), so mlx-lm's generate loop and prompt caching handle them.
 """
@@ -20,7 +21,7 @@ from typing import Any
 import mlx.core as mx
 
 from mlxkv.attention.view import KVView, Segment
-from mlxkv.caches.policy import KeepAll, SinkWindow, policy_from_params
+from mlxkv.caches.policy import HeavyHitters, KeepAll, Policy, SinkWindow, policy_from_params
 from mlxkv.caches.storage import DenseStore, TensorStore, convert_store, make_store, store_from_params
 from mlxkv.config import KVConfig
 
@@ -38,7 +39,7 @@ class ComposedCache:
     the recent tier.
     """
 
-    def __init__(self, config: KVConfig, policy: KeepAll | SinkWindow, residual: int) -> None:
+    def __init__(self, config: KVConfig, policy: Policy, residual: int) -> None:
         self.config = config
         self.policy = policy
         self.residual = residual  # newest tokens kept in 16-bit (0 for full-precision configs)
@@ -48,6 +49,8 @@ class ComposedCache:
         self.recent_values: mx.array | None = None
         self.sink_keys: mx.array | None = None  # positions [0, min(flushed, sinks))
         self.sink_values: mx.array | None = None
+        # attention each recent-tier token received so far (scored policies only)
+        self.recent_scores: mx.array | None = mx.zeros((0,), dtype=mx.float32) if policy.scored else None
         self.tier_dtype = mx.float16  # of the 16-bit tiers; bfloat16 for bfloat16 models
         self.stage = -1  # index into config.precision_steps; -1 = full precision
         self.key_store, self.value_store = self._make_stores()
@@ -117,6 +120,9 @@ class ComposedCache:
         n = keys.shape[2]
         first, end = self.offset, self.offset + n
         flushed = self.flushed
+        scored = self.policy.scored
+        if scored:  # last step's attention: summing it now keeps the lazy graph one step long
+            mx.eval(self.policy.scores, self.recent_scores)
         if self.recent_keys is not None:  # positions [flushed, end)
             new_keys = mx.concatenate([self.recent_keys.astype(keys.dtype), keys], axis=2)
             new_values = mx.concatenate([self.recent_values.astype(values.dtype), values], axis=2)
@@ -125,7 +131,10 @@ class ComposedCache:
         sink_keys, sink_values = self.sink_keys, self.sink_values
 
         unit = self._flush_unit(self.key_store, self.value_store)
-        new_flushed = self._align(max(flushed, end - self.residual), unit)
+        target = max(flushed, end - self.residual)
+        if scored:  # only tokens earlier steps scored may compete for a slot
+            target = min(target, first)
+        new_flushed = self._align(target, unit)
         to_sinks = max(0, min(new_flushed, self.policy.sinks) - flushed)
         to_store = new_flushed - flushed - to_sinks
         # Writing into slots that queries of this chunk still need: read the store first.
@@ -133,7 +142,8 @@ class ComposedCache:
         if read_first:
             history = self._history_segment(first, n, flushed, hide_from=flushed, snapshot=True)
 
-        for slot, row, length in self.policy.placements(flushed + to_sinks, to_store):
+        scores = self.recent_scores[to_sinks : to_sinks + to_store] if scored else None
+        for slot, row, length in self.policy.placements(flushed + to_sinks, to_store, scores):
             rows = slice(to_sinks + row, to_sinks + row + length)
             self.key_store.write(slot, new_keys[..., rows, :])
             self.value_store.write(slot, new_values[..., rows, :])
@@ -148,7 +158,13 @@ class ComposedCache:
             self.recent_values = new_values[..., kept:, :].astype(recent_dtype)
         else:
             self.recent_keys = self.recent_values = None
+        if scored:
+            self.recent_scores = mx.concatenate([self.recent_scores[kept:], mx.zeros((n,), dtype=mx.float32)])
         self.flushed, self.offset = new_flushed, end
+        shown = flushed  # where the exact segment starts: tokens flushed by this step are still seen exactly
+        if scored:  # the flush came first: the tokens that lost the competition are gone
+            shown, sink_keys, sink_values = new_flushed, self.sink_keys, self.sink_values
+            new_keys, new_values = new_keys[..., kept:, :], new_values[..., kept:, :]
 
         lossless = not (self.key_store.lossy or self.value_store.lossy)
         if not read_first and lossless and self.recent_keys is None and self.sink_keys is None:
@@ -156,11 +172,23 @@ class ComposedCache:
             segments = [self._history_segment(first, n, new_flushed, hide_from=end)]
         else:
             if not read_first:
-                history = self._history_segment(first, n, new_flushed, hide_from=flushed)
-            exact = self._exact_segment(sink_keys, sink_values, new_keys, new_values, flushed, first)
+                history = self._history_segment(first, n, new_flushed, hide_from=shown)
+            exact = self._exact_segment(sink_keys, sink_values, new_keys, new_values, shown, first)
             segments = [history, exact]
-        view = KVView([s for s in segments if s is not None], rotated=self.config.rotate)
+        view = KVView(
+            [s for s in segments if s is not None], rotated=self.config.rotate,
+            observer=self._observe if scored else None,
+        )
         return view, view
+
+    def _observe(self, weights: list[mx.array]) -> None:
+        """Accumulate a step's attention (H2O): the history's onto its slots, the exact
+        segment's tail onto the recent tier (the sinks are kept whatever they score)."""
+        *history, exact = weights
+        if history:
+            self.policy.observe(history[0])
+        n_recent = self.recent_scores.shape[0]
+        self.recent_scores = self.recent_scores + exact[exact.shape[0] - n_recent :]
 
     def _history_segment(
         self, q_first: int, n_queries: int, flushed: int, hide_from: int, snapshot: bool = False
@@ -243,6 +271,8 @@ class ComposedCache:
             self.recent_values = self.recent_values[..., :keep_recent, :]
         else:
             self.recent_keys = self.recent_values = None
+        if self.recent_scores is not None:
+            self.recent_scores = self.recent_scores[:keep_recent]
         self.flushed -= n - min(n, n_recent)
         self.offset -= n
         if self.sink_keys is not None and self.flushed < self.sink_keys.shape[2]:
@@ -283,6 +313,15 @@ class ComposedCache:
             "recent_values": self.recent_values,
             "sink_keys": self.sink_keys,
             "sink_values": self.sink_values,
+            **(self._score_state() if self.policy.scored else {}),
+        }
+
+    def _score_state(self) -> dict[str, mx.array]:
+        """What a scored policy decides by: slot positions and scores, recent-tier scores."""
+        return {
+            "slot_positions": self.policy.positions,
+            "slot_scores": self.policy.scores,
+            "recent_scores": self.recent_scores,
         }
 
     @state.setter
@@ -302,6 +341,10 @@ class ComposedCache:
         self.sink_values = _none_if_empty(state.get("sink_values"))
         tiers = [t for t in (self.recent_keys, self.sink_keys) if t is not None]
         self.tier_dtype = tiers[0].dtype if tiers else mx.float16
+        self.recent_scores = None
+        if self.policy.scored:
+            self.policy.positions, self.policy.scores = state["slot_positions"], state["slot_scores"]
+            self.recent_scores = state["recent_scores"]
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> "ComposedCache":
@@ -346,3 +389,16 @@ class SinkWindowCache(ComposedCache):
         residual = min(config.effective_residual, window // 2)
         unit = config.group_size if config.per_channel_keys else 1
         super().__init__(config, SinkWindow(sinks, window, residual, unit), residual)
+
+
+class HeavyHitterCache(ComposedCache):
+    """Bounded memory that keeps what attention uses (H2O, ``evict="h2o"``): the sinks, the
+    newest ``residual`` tokens and the ``max_kv - sinks - residual`` older tokens with the
+    highest accumulated attention, quantized as the config says."""
+
+    def __init__(self, config: KVConfig) -> None:
+        if config.max_kv is None or config.evict != "h2o":
+            raise ValueError("HeavyHitterCache needs a config with evict='h2o' and max_kv")
+        residual = config.effective_residual
+        heavy = HeavyHitters(config.sinks, config.max_kv - config.sinks - residual, residual)
+        super().__init__(config, heavy, residual)

@@ -8,7 +8,7 @@ import mlx.nn as nn
 from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache
 
 from mlxkv.attention import hook
-from mlxkv.caches.cache import QuantizedCache, SinkWindowCache
+from mlxkv.caches.cache import HeavyHitterCache, QuantizedCache, SinkWindowCache
 from mlxkv.config import KVConfig
 
 
@@ -25,9 +25,9 @@ def make_kv_cache(model: nn.Module, config: KVConfig | str | None = None) -> lis
     """One cache per layer, usable as ``prompt_cache`` by mlx-lm's generate functions.
 
     Models that build their own caches (``model.make_cache()``) keep their layout: full-
-    attention layers get a QuantizedCache (or a SinkWindowCache with ``max_kv``), sliding-
-    window layers a SinkWindowCache with the model's window, other layers (recurrent state,
-    chunked attention) their own cache.
+    attention layers get a QuantizedCache (or with ``max_kv`` a SinkWindowCache, or with
+    ``evict="h2o"`` a HeavyHitterCache), sliding-window layers a SinkWindowCache with the
+    model's window, other layers (recurrent state, chunked attention) their own cache.
     """
     config = resolve_config(config)
     if hasattr(model, "make_cache"):
@@ -47,7 +47,9 @@ def make_kv_cache(model: nn.Module, config: KVConfig | str | None = None) -> lis
 def _mlxkv_cache(layer_cache: Any, config: KVConfig) -> Any:
     kind = type(layer_cache)
     if kind is KVCache:
-        return SinkWindowCache(config) if config.max_kv is not None else QuantizedCache(config)
+        if config.max_kv is None:
+            return QuantizedCache(config)
+        return HeavyHitterCache(config) if config.evict == "h2o" else SinkWindowCache(config)
     if kind is RotatingKVCache:  # the model's own sliding window: its semantics, our storage
         keep = layer_cache.keep
         return SinkWindowCache(config, window=layer_cache.max_size - keep, sinks=keep)

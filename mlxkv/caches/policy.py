@@ -7,6 +7,7 @@ positions rather than slot order; that is what lets a rotating window be quantiz
 
 from __future__ import annotations
 
+import heapq
 from typing import Any
 
 import mlx.core as mx
@@ -20,6 +21,8 @@ class KeepAll:
 
     bounded = False
     capacity: int | None = None
+    scored = False
+    """Whether placement ranks tokens by the attention they received (see HeavyHitters)."""
 
     def params(self) -> dict[str, Any]:
         return {}
@@ -29,7 +32,7 @@ class KeepAll:
     def slot_of(self, pos: int) -> int:
         return pos
 
-    def placements(self, start: int, n: int) -> list[Run]:
+    def placements(self, start: int, n: int, scores: mx.array | None = None) -> list[Run]:
         return [(start, 0, n)] if n > 0 else []
 
     def slot_positions(self, flushed: int) -> mx.array | None:
@@ -63,6 +66,7 @@ class SinkWindow:
     """
 
     bounded = True
+    scored = False
 
     def __init__(self, sinks: int, window: int, residual: int = 0, unit: int = 1) -> None:
         if window - residual <= 0:
@@ -80,7 +84,7 @@ class SinkWindow:
     def slot_of(self, pos: int) -> int:
         return (pos - self.sinks) % self.ring
 
-    def placements(self, start: int, n: int) -> list[Run]:
+    def placements(self, start: int, n: int, scores: mx.array | None = None) -> list[Run]:
         """Runs for positions ``start .. start+n`` (all past the sinks)."""
         end = start + n
         runs: list[Run] = []
@@ -115,5 +119,96 @@ class SinkWindow:
         return flushed - self.sinks <= self.ring
 
 
-def policy_from_params(params: dict[str, Any]) -> KeepAll | SinkWindow:
-    return SinkWindow(**params) if params else KeepAll()
+class HeavyHitters:
+    """H2O: the sinks, the recent tier and the ``capacity`` older tokens that received the
+    most attention (heavy hitters); a bounded cache that keeps what attention uses.
+
+    Slots are not positional: ``positions`` holds the position in each slot (-1 empty) and
+    ``scores`` the attention each slot's token accumulated (summed over batch, heads and
+    queries), added by the cache after every step. Tokens arrive from the recent tier with
+    the scores they gathered there. The sinks (16-bit sink tier) and the recent tier never
+    enter the store, so they are never evicted. ``residual``: the recent tier's size, for
+    ``window`` (tokens kept besides the sinks).
+    """
+
+    bounded = True
+    scored = True
+    """The cache reports attention weights (``observe``) and flushes only tokens that earlier
+    steps scored, before the step attends: every token competes with at least one score."""
+
+    def __init__(self, sinks: int, capacity: int, residual: int = 0) -> None:
+        if capacity <= 0:
+            raise ValueError(f"heavy hitters need a capacity > 0, got {capacity}")
+        self.sinks = sinks
+        self.capacity = capacity
+        self.residual = residual
+        self.window = capacity + residual
+        self.positions = mx.full((capacity,), -1, dtype=mx.int32)
+        self.scores = mx.zeros((capacity,), dtype=mx.float32)
+
+    def params(self) -> dict[str, Any]:
+        return {"sinks": self.sinks, "capacity": self.capacity, "residual": self.residual}
+
+    def _filled(self, flushed: int) -> int:
+        """Slots fill in order and nothing is dropped before all are full."""
+        return min(max(flushed - self.sinks, 0), self.capacity)
+
+    def slot_of(self, pos: int) -> int:
+        return self.positions.tolist().index(pos)
+
+    def placements(self, start: int, n: int, scores: mx.array | None = None) -> list[Run]:
+        """Place positions ``start .. start+n`` (scored ``scores``) and record them: free slots
+        first; then each token evicts the lowest-scored stored token (the oldest among equals)
+        if that scored less, else the token is dropped. Only each slot's final token is written."""
+        if n == 0:
+            return []
+        positions, slot_scores, incoming = self.positions.tolist(), self.scores.tolist(), scores.tolist()
+        filled = self._filled(start)
+        heap = [(slot_scores[s], positions[s], s) for s in range(filled)]
+        heapq.heapify(heap)
+        written: dict[int, int] = {}  # slot -> row of the chunk
+        for row, score in enumerate(incoming):
+            if filled < self.capacity:
+                slot, filled = filled, filled + 1
+                heapq.heappush(heap, (score, start + row, slot))
+            elif heap[0][0] < score:
+                slot = heap[0][2]
+                heapq.heapreplace(heap, (score, start + row, slot))
+            else:
+                continue
+            positions[slot], slot_scores[slot], written[slot] = start + row, score, row
+        self.positions = mx.array(positions, dtype=mx.int32)
+        self.scores = mx.array(slot_scores, dtype=mx.float32)
+        runs: list[Run] = []
+        for slot, row in sorted(written.items()):  # neighbouring slots from neighbouring rows: one write
+            if runs and runs[-1][0] + runs[-1][2] == slot and runs[-1][1] + runs[-1][2] == row:
+                runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+            else:
+                runs.append((slot, row, 1))
+        return runs
+
+    def observe(self, weights: mx.array) -> None:
+        """Add one step's attention weights of the first ``weights.size`` slots (lazily)."""
+        self.scores = self.scores + mx.pad(weights, (0, self.capacity - weights.shape[0]))
+
+    def slot_positions(self, flushed: int) -> mx.array:
+        return self.positions[: self._filled(flushed)]
+
+    # Causal only: heavy hitters may lie far in the past. Nothing a step's queries need is
+    # overwritten: they attend after the flush, evictions included.
+    visible = KeepAll.visible
+    limits_view = KeepAll.limits_view
+    overwrites = KeepAll.overwrites
+
+    def can_trim(self, flushed: int) -> bool:
+        """Only while nothing was evicted or dropped: such a token cannot come back."""
+        return flushed - self.sinks <= self.capacity
+
+
+Policy = KeepAll | SinkWindow | HeavyHitters
+
+
+def policy_from_params(params: dict[str, Any]) -> Policy:
+    if not params:
+        return KeepAll()
+    return HeavyHitters(**params) if "capacity" in params else SinkWindow(**params)

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from mlxkv.config import MODES, KVConfig, parse_adaptive, parse_layer_bits
+from mlxkv.config import EVICTIONS, MODES, KVConfig, parse_adaptive, parse_layer_bits
 from mlxkv.errors import UserError
 
 
@@ -26,6 +26,10 @@ def add_kv_arguments(parser: argparse.ArgumentParser) -> None:
     kv.add_argument("--max-kv", "--max-kv-size", dest="max_kv", type=int, metavar="TOKENS",
                     help="bound the cache to a window of this many tokens: the first --sinks tokens plus the most recent ones")
     kv.add_argument("--sinks", type=int, metavar="N", help="tokens kept at the start of a --max-kv window (default 4)")
+    kv.add_argument("--kv-evict", choices=EVICTIONS,
+                    help="what a --max-kv budget keeps: 'window' (default) the sinks plus the most recent tokens; "
+                         "'h2o' the sinks, the newest --kv-residual tokens and the older tokens that received the "
+                         "most attention (heavy hitters), --max-kv tokens in all")
     kv.add_argument("--quantized-kv-start", type=int, metavar="TOKENS",
                     help="keep full precision until the cache holds this many tokens (default 0)")
     kv.add_argument("--kv-residual", type=int, metavar="TOKENS",
@@ -64,6 +68,7 @@ def kv_config_from_args(args: argparse.Namespace) -> KVConfig:
         "per_channel_keys": args.per_channel_keys,
         "layer_bits": args.kv_bits_map,
         "adaptive": args.kv_adaptive,
+        "evict": args.kv_evict,
     }
     overrides = {k: v for k, v in fields.items() if v is not None}
     if args.kv_config:
