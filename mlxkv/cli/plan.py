@@ -1,14 +1,188 @@
-"""mlxkv plan (placeholder: being written)."""
+"""mlxkv plan: which KV-cache configuration fits a context in a memory budget, before loading anything."""
+
+from __future__ import annotations
 
 import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
 
 from mlxkv.errors import UserError
 
+DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
+BASELINES = ("mlxlm-fp16", "mlxlm-q8", "mlxlm-q4")
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("plan", help="(not yet available)")
+    p = sub.add_parser(
+        "plan",
+        help="predict KV-cache memory per configuration and what fits a budget",
+        description=(
+            "Predict, for each KV-cache configuration, the bytes per token, the cache at the target "
+            "context, the total with the weights, and the longest context that fits the memory "
+            "budget; recommend the highest-quality configuration that fits. Reads only the model's "
+            "config (and weight sizes): nothing is loaded."
+        ),
+        epilog=(
+            "Examples: mlxkv plan --context 8192 | "
+            "mlxkv plan --model meta-llama/Meta-Llama-3-8B --context 32k --memory 16GB | "
+            "mlxkv plan --config config.json --context 100000 --max-kv 8192 --json plan.json"
+        ),
+    )
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", help="a Hugging Face repo id (only config.json and safetensors headers are "
+                     "downloaded), a local model directory or a .gguf file (header only); default: "
+                     "the bundled SmolLM2-135M-Instruct")
+    src.add_argument("--config", metavar="FILE", help="a model's config.json instead of --model")
+    p.add_argument("--context", type=_tokens_arg, metavar="TOKENS",
+                   help="target context (prompt + generated tokens), e.g. 32768 or 32k; "
+                        "default: the model's trained context")
+    p.add_argument("--memory", metavar="SIZE",
+                   help="memory budget, e.g. 8GB (powers of 1024); default: this machine's recommended "
+                        "working set (or $MLXKV_MEMORY)")
+    p.add_argument("--batch", type=int, default=1, metavar="N", help="sequences generated together (default 1)")
+    p.add_argument("--dtype", choices=tuple(DTYPE_BYTES), default="float16",
+                   help="dtype the model computes in: float16 on a Mac (default); float32 for a CPU device, "
+                        "where mlxkv also expands quantized weights to float32")
+    p.add_argument("--weights-bytes", metavar="SIZE", help="the weights' size, when you know better (e.g. 4.5GB)")
+    p.add_argument("--kv-configs", metavar="NAMES",
+                   help="comma-separated configurations to compare (default: " + ",".join(_quality_order()) + ")")
+    p.add_argument("--baselines", action="store_true", help=f"also show mlx-lm's caches ({', '.join(BASELINES)})")
+    p.add_argument("--max-kv", type=int, metavar="TOKENS",
+                   help="bound every configuration to a window of this many tokens (sinks included)")
+    p.add_argument("--sinks", type=int, metavar="N", help="tokens a --max-kv window keeps at the start (default 4)")
+    p.add_argument("--kv-group-size", type=int, metavar="N", help="elements per scale/bias group: 32, 64 or 128 (default 64)")
+    p.add_argument("--kv-residual", type=int, metavar="TOKENS",
+                   help="newest tokens kept in 16-bit beside a quantized cache (default 32)")
+    p.add_argument("--json", nargs="?", const="-", metavar="FILE",
+                   help="write the plan as JSON to FILE (or to stdout without FILE) instead of the table")
     p.set_defaults(run=run)
 
 
+def _quality_order() -> list[str]:
+    from mlxkv.memory.planner import QUALITY_ORDER
+
+    return QUALITY_ORDER
+
+
+def _tokens_arg(text: str) -> int:
+    """'32768', '32k' (x1024) or '32,768'."""
+    cleaned = text.strip().lower().replace(",", "").replace("_", "")
+    scale = 1024 if cleaned.endswith("k") else 1
+    try:
+        value = int(float(cleaned.removesuffix("k")) * scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of tokens such as 32768 or 32k, not {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"the context must be at least 1 token, got {text!r}")
+    return value
+
+
 def run(args: argparse.Namespace) -> int:
-    raise UserError("'mlxkv plan' is not available yet")
+    from mlxkv.device import is_cpu
+    from mlxkv.memory.machine_memory import device_memory
+    from mlxkv.memory.layout import layout_from_config
+    from mlxkv.memory.model_config import model_source, weights_bytes
+    from mlxkv.memory.planner import candidate_configs, compatible_configs, plan, recommend
+    from mlxkv.memory.units import format_bytes, parse_bytes
+
+    if args.batch < 1:
+        raise UserError(f"--batch must be at least 1, got {args.batch}")
+    memory = device_memory(args.memory)  # parse the budget before any download
+    explicit_weights = parse_bytes(args.weights_bytes, "weights size") if args.weights_bytes else None
+    names = [n.strip() for n in args.kv_configs.split(",") if n.strip()] if args.kv_configs else None
+    configs = candidate_configs(
+        names, group_size=args.kv_group_size, max_kv=args.max_kv, sinks=args.sinks, residual=args.kv_residual,
+    )
+    for name in BASELINES if args.baselines else ():
+        try:
+            configs.update(candidate_configs([name], group_size=args.kv_group_size, max_kv=args.max_kv,
+                                             sinks=args.sinks))
+        except UserError:
+            pass  # mlx-lm's quantized cache cannot hold a window: no such baseline
+
+    source = model_source(args.model, args.config)
+    layout = layout_from_config(source.config)
+    configs, skipped = compatible_configs(configs, layout)
+    if not configs or (names and skipped):  # a configuration the user named must work
+        raise UserError(next(iter(skipped.values())))
+    dtype_bytes = DTYPE_BYTES[args.dtype]
+    if explicit_weights is not None:
+        weights, weights_how = explicit_weights, "given with --weights-bytes"
+    else:
+        weights, weights_how = weights_bytes(source, dtype_bytes)
+    context = args.context or layout.max_position_embeddings
+    if context is None:
+        raise UserError("the model config does not say its context length; pass --context TOKENS")
+
+    rows = plan(layout, context, memory.recommended, weights, configs, dtype_bytes, args.batch)
+    choice = recommend(rows, memory.recommended, context)
+    notes = _notes(layout, context, args.dtype, is_cpu())
+    notes += [f"skipped {name}: {why}" for name, why in skipped.items()]
+
+    if args.json is not None:
+        _write_json(args.json, rows, choice, {
+            "model": source.name, "model_kind": source.kind, "model_type": layout.model_type,
+            "layout": layout.describe(), "layout_source": layout.source, "context": context,
+            "batch": args.batch, "dtype": args.dtype, "budget_bytes": memory.recommended,
+            "budget_source": memory.source, "weights_how": weights_how, "notes": notes,
+        })
+        return 0
+
+    from mlxkv.report import text_table
+
+    shown = Path(source.name).name if source.kind in ("gguf", "directory", "config") else source.name
+    print(f"model:   {shown} ({layout.model_type or 'unknown type'}; {layout.describe()})")
+    print(f"weights: {format_bytes(weights)} ({weights_how})")
+    print(f"budget:  {format_bytes(memory.recommended)} ({memory.source})")
+    print(f"target:  {context:,} tokens, batch {args.batch}, {args.dtype} model dtype\n")
+    table = [{
+        "config": r.config,
+        "bits": r.bits_per_element,
+        "per_token": f"{r.kv_bytes_per_token:,}",
+        "kv": format_bytes(r.kv_bytes),
+        "total": format_bytes(r.total_bytes),
+        "max": "unbounded" if r.max_context is None else f"{r.max_context:,}",
+        "fits": r.fits,
+    } for r in rows]
+    print(text_table(table, ["config", "bits", "per_token", "kv", "total", "max", "fits"],
+                     ["config", "bits/elem", "bytes/token", f"KV @ {context:,}", "KV + weights",
+                      "max context", "fits"]))
+    print()
+    if choice is None:
+        from mlxkv.memory.planner import no_fit_message
+
+        print(f"nothing fits: {no_fit_message(rows, memory.recommended, context)}")
+    else:
+        print(f"recommended: {choice[1]}")
+    for note in notes:
+        print(f"note: {note}")
+    return 0
+
+
+def _notes(layout: Any, context: int, dtype: str, cpu: bool) -> list[str]:
+    notes = ["KV bytes include the growth slack (caches grow 256 tokens at a time); activations "
+             "during prefill come on top (see MEMORY.md)"]
+    trained = layout.max_position_embeddings
+    if trained and context > trained:
+        notes.append(f"the target context ({context:,}) exceeds the model's trained context ({trained:,})")
+    if len(layout.attention_layers) < len(layout.layers):
+        notes.append("layers without a KV cache (recurrent or convolution state) keep a constant state, not counted")
+    if cpu and dtype != "float32":
+        notes.append("MLX runs on the CPU here, where mlxkv computes in float32 (dense caches and weights "
+                     "take twice the bytes): pass --dtype float32 to plan for this machine")
+    return notes
+
+
+def _write_json(target: str, rows: list, choice: tuple[str, str] | None, info: dict[str, Any]) -> None:
+    from mlxkv.report import run_metadata, write_json
+
+    metadata = run_metadata(**info, recommended=None if choice is None else
+                            {"config": choice[0], "reason": choice[1]})
+    records = [r.as_dict() for r in rows]
+    if target == "-":
+        json.dump({"metadata": metadata, "rows": records}, sys.stdout, indent=2)
+        print()
+    else:
+        write_json(target, records, metadata)

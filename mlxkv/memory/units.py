@@ -1,0 +1,50 @@
+"""Byte sizes as people write them ("8GB", "512 MiB") and as tables show them.
+
+Memory is counted in powers of 1024, as RAM is sold and as macOS reports it: "8GB" means
+8 x 1024^3 bytes, the same as "8GiB". A bare number is bytes.
+"""
+
+from __future__ import annotations
+
+import re
+
+from mlxkv.errors import UserError
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 1024, "kb": 1024, "kib": 1024,
+    "m": 1024**2, "mb": 1024**2, "mib": 1024**2,
+    "g": 1024**3, "gb": 1024**3, "gib": 1024**3,
+    "t": 1024**4, "tb": 1024**4, "tib": 1024**4,
+}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_bytes(text: str | int | float, what: str = "memory size") -> int:
+    """``"8GB"`` -> 8589934592. Raises a one-line UserError for anything else ("8 parsecs")."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        value, unit = float(text), ""
+    else:
+        match = _SIZE.match(str(text))
+        if not match or match.group(2).lower() not in _UNITS:
+            raise UserError(
+                f"cannot read the {what} {str(text)!r}; write a number and a unit, e.g. 8GB, 512MB or 16GiB"
+            )
+        value, unit = float(match.group(1)), match.group(2).lower()
+    size = int(value * _UNITS[unit])
+    if size <= 0:
+        raise UserError(f"the {what} must be more than 0 bytes, got {text!r}")
+    return size
+
+
+def format_bytes(n: float | None) -> str:
+    """A short human size: '512 B', '36.0 KB', '4.00 GB' (powers of 1024)."""
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            if unit == "B":
+                return f"{n:.0f} B"
+            return f"{n:.2f} {unit}" if abs(n) < 10 else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
