@@ -108,3 +108,18 @@ def test_help_reads_well():
         assert command in out.stdout
     gen = mlxkv("generate", "--help")
     assert "--kv-bits" in gen.stdout and "--max-kv" in gen.stdout and "Example:" in gen.stdout
+
+
+@pytest.mark.real_model
+@real_model
+def test_auto_bits_memory_report_and_plot(tmp_path):
+    import json
+
+    report, plot = tmp_path / "mem.json", tmp_path / "mem.png"
+    out = mlxkv("generate", "--kv-bits", "auto", "--memory", "2GB", "--max-tokens", "6",
+                "--memory-report", str(report), "--memory-plot", str(plot))
+    assert out.returncode == 0, out.stderr
+    assert "--kv-bits auto:" in out.stderr and "x of fp16" in out.stderr
+    rows = json.loads(report.read_text())["rows"]
+    assert len(rows) >= 6 and rows[-1]["kv_bytes"] > 0 and rows[-1]["tokens"] > rows[1]["tokens"]
+    assert plot.read_bytes()[:4] == b"\x89PNG"

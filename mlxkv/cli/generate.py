@@ -19,7 +19,8 @@ def add_kv_arguments(parser: argparse.ArgumentParser) -> None:
     )
     kv.add_argument("--kv-config", metavar="NAME", help="named configuration: " + ", ".join(KVConfig.names()))
     kv.add_argument("--kv-bits", type=_bits_arg, metavar="BITS",
-                    help="bits per element for keys and values: 2, 3, 4, 5, 6 or 8")
+                    help="bits per element for keys and values: 2, 3, 4, 5, 6 or 8; or 'auto' (generate): "
+                         "the best configuration the planner says fits --max-tokens + prompt in --memory")
     kv.add_argument("--kv-group-size", type=int, metavar="N", help="elements per scale/bias group: 32, 64 or 128 (default 64)")
     kv.add_argument("--k-bits", type=int, metavar="BITS", help="bits for keys only (e.g. 8 with --v-bits 4)")
     kv.add_argument("--v-bits", type=int, metavar="BITS", help="bits for values only")
@@ -39,13 +40,15 @@ def add_kv_arguments(parser: argparse.ArgumentParser) -> None:
                     help="Hadamard-rotate keys/queries and values before quantizing (spreads outliers)")
     kv.add_argument("--per-channel-keys", action="store_true", default=None,
                     help="quantize keys per channel over groups of tokens (KIVI)")
-    kv.add_argument("--kv-adaptive", type=parse_adaptive, metavar="STEPS",
+    kv.add_argument("--kv-adaptive", metavar="STEPS",
                     help="context-adaptive precision: full precision, then TOKENS:BITS steps, e.g. '1024:8,4096:4'")
-    kv.add_argument("--kv-bits-map", type=parse_layer_bits, metavar="MAP",
+    kv.add_argument("--kv-bits-map", metavar="MAP",
                     help="per-layer bits, e.g. '0:8,-1:8' (negative layers count from the end; 0 bits = full precision)")
 
 
-def _bits_arg(text: str) -> int:
+def _bits_arg(text: str) -> int | str:
+    if text.strip().lower() == "auto":
+        return "auto"
     try:
         return int(text)
     except ValueError:
@@ -55,7 +58,7 @@ def _bits_arg(text: str) -> int:
 def kv_config_from_args(args: argparse.Namespace) -> KVConfig:
     """KVConfig from the flags of ``add_kv_arguments``: the named config, then explicit fields."""
     fields = {
-        "bits": args.kv_bits,
+        "bits": None if args.kv_bits == "auto" else args.kv_bits,
         "group_size": args.kv_group_size,
         "k_bits": args.k_bits,
         "v_bits": args.v_bits,
@@ -66,8 +69,8 @@ def kv_config_from_args(args: argparse.Namespace) -> KVConfig:
         "mode": args.kv_mode,
         "rotate": args.kv_rotate,
         "per_channel_keys": args.per_channel_keys,
-        "layer_bits": args.kv_bits_map,
-        "adaptive": args.kv_adaptive,
+        "layer_bits": parse_layer_bits(args.kv_bits_map) if args.kv_bits_map else None,
+        "adaptive": parse_adaptive(args.kv_adaptive) if args.kv_adaptive else None,
         "evict": args.kv_evict,
     }
     overrides = {k: v for k, v in fields.items() if v is not None}
@@ -98,6 +101,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt-cache", metavar="FILE",
                    help="reuse the prompt prefix saved in FILE; if FILE does not exist, save the prompt's cache there")
     add_kv_arguments(p)
+    mem = p.add_argument_group("memory")
+    mem.add_argument("--memory", metavar="SIZE",
+                     help="budget for --kv-bits auto, e.g. 8GB (default: this machine's recommended working set)")
+    mem.add_argument("--memory-report", metavar="FILE",
+                     help="record memory per step (tokens, KV bytes per layer, MLX active/peak/cache, time) to FILE.json or FILE.csv")
+    mem.add_argument("--memory-plot", metavar="FILE",
+                     help="plot memory over tokens to FILE.png (needs matplotlib: pip install 'mlxkv[plot]')")
+    mem.add_argument("--memory-compare", metavar="REPORT", nargs="+", default=[],
+                     help="earlier --memory-report files drawn on the same --memory-plot (e.g. fp16 vs 4-bit vs a window)")
     p.set_defaults(run=run)
 
 
@@ -121,74 +133,129 @@ def encode_prompt(tokenizer, prompt: str, system: str | None, chat_template: boo
     return list(tokenizer.encode(prompt))
 
 
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} GB"
-
-
 def run(args: argparse.Namespace) -> int:
     import mlx.core as mx
     from mlx_lm import stream_generate
     from mlx_lm.sample_utils import make_sampler
 
     import mlxkv
-    from mlxkv.caches.prompt_cache import PromptCacheFile
 
+    # Everything that can be checked before loading the model is checked first.
     config = kv_config_from_args(args)
     if args.max_tokens < 1:
         raise UserError("--max-tokens must be at least 1")
     prompt = read_prompt(args.prompt)
+    if args.memory_report:
+        from mlxkv.memory import report_format
+
+        report_format(args.memory_report)
+    if args.memory_plot:
+        from mlxkv.report import require_pyplot
+
+        require_pyplot()
     if args.seed is not None:
         mx.random.seed(args.seed)
 
     model, tokenizer = mlxkv.load(args.model, keep_quantized=args.keep_quantized_weights or None)
     info = getattr(model, "mlxkv_load_info", None) or {}
+    model_id = str(info.get("source", args.model))
     if info.get("note"):
-        print(f"[mlxkv] {info['note']}", file=sys.stderr)
+        note(info["note"])
     tokens = encode_prompt(tokenizer, prompt, args.system, not args.no_chat_template)
+    if args.kv_bits == "auto":
+        config = auto_config(model, args, len(tokens) + args.max_tokens)
+    cache, to_feed = prepare_cache(model, config, tokens, args.prompt_cache, model_id)
 
-    cache = mlxkv.make_kv_cache(model, config)
-    to_feed = tokens
-    saved = PromptCacheFile(Path(args.prompt_cache)) if args.prompt_cache else None
-    if saved is not None and saved.path.exists():
-        cache, to_feed = saved.reuse(tokens, config, model_id=str(info.get("source", args.model)))
-        print(f"[mlxkv] reused {len(tokens) - len(to_feed)} cached prompt tokens from {saved.path}", file=sys.stderr)
+    tracker = None
+    if args.memory_report or args.memory_plot:
+        from mlxkv.memory import MemoryTracker
 
-    window = config.max_kv
-    if window is not None and len(tokens) > window:
-        print(
-            f"[mlxkv] note: the prompt ({len(tokens)} tokens) is longer than the window ({window}); "
-            f"the model sees its first {config.sinks} and last {window - config.sinks} tokens",
-            file=sys.stderr,
-        )
-    print(f"[mlxkv] KV cache: {config.describe()}", file=sys.stderr)
+        tracker = MemoryTracker(cache, label=args.kv_config or config.describe(), model=model,
+                                kv_config=config.describe(), model_name=model_id).start()
 
-    if saved is not None and not saved.path.exists():
-        # Process the prompt (all but its last token, which generation needs) and save it.
-        from mlxkv.stepping import prefill
-
-        if len(to_feed) > 1:
-            prefill(model, to_feed[:-1], cache)
-        saved.save(cache, tokens[:-1], config, model_id=str(info.get("source", args.model)))
-        to_feed = to_feed[-1:]
-        print(f"[mlxkv] saved the prompt's cache to {saved.path}", file=sys.stderr)
-
-    sampler = make_sampler(temp=args.temp, top_p=args.top_p)
     response = None
     for response in stream_generate(
-        model, tokenizer, mx.array(to_feed), max_tokens=args.max_tokens, sampler=sampler, prompt_cache=cache
+        model, tokenizer, mx.array(to_feed), max_tokens=args.max_tokens,
+        sampler=make_sampler(temp=args.temp, top_p=args.top_p), prompt_cache=cache,
+        prompt_progress_callback=(lambda done, total: tracker.step()) if tracker else None,
     ):
         print(response.text, end="", flush=True)
+        if tracker:
+            tracker.step()
     print(flush=True)
     if response is not None:
-        kv_bytes = sum(getattr(c, "nbytes", 0) for c in cache)
-        print(
-            f"[mlxkv] prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.1f} tokens/s | "
-            f"generation: {response.generation_tokens} tokens, {response.generation_tps:.1f} tokens/s | "
-            f"peak memory: {_fmt_bytes(response.peak_memory * 1e9)} | KV cache: {_fmt_bytes(kv_bytes)}",
-            file=sys.stderr,
-        )
+        report_run(response, model, cache, config)
+    if tracker:
+        save_memory(tracker, args)
     return 0
+
+
+def note(text: str) -> None:
+    """Progress and statistics go to stderr, so stdout stays clean for pipes."""
+    print(f"[mlxkv] {text}", file=sys.stderr)
+
+
+def auto_config(model, args: argparse.Namespace, context: int) -> KVConfig:
+    """--kv-bits auto: the planner's best configuration for this context and budget."""
+    from mlxkv.memory import recommend_config
+
+    overrides = {"group_size": args.kv_group_size, "max_kv": args.max_kv, "sinks": args.sinks,
+                 "residual": args.kv_residual, "quantized_kv_start": args.quantized_kv_start}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    name, reason = recommend_config(model, context, args.memory, **overrides)
+    note(f"--kv-bits auto: {reason}")
+    return KVConfig.from_name(name, **overrides)
+
+
+def prepare_cache(model, config: KVConfig, tokens: list[int], prompt_cache: str | None,
+                  model_id: str) -> tuple[list, list[int]]:
+    """The per-layer caches and the tokens still to feed: a saved prefix is reused, or the
+    prompt's cache is saved for next time when --prompt-cache names a new file."""
+    import mlxkv
+    from mlxkv.caches.prompt_cache import PromptCacheFile
+    from mlxkv.stepping import prefill
+
+    cache, to_feed = mlxkv.make_kv_cache(model, config), tokens
+    saved = PromptCacheFile(Path(prompt_cache)) if prompt_cache else None
+    if saved is not None and saved.path.exists():
+        cache, to_feed = saved.reuse(tokens, config, model_id=model_id)
+        note(f"reused {len(tokens) - len(to_feed)} cached prompt tokens from {saved.path}")
+    if config.max_kv is not None and len(tokens) > config.max_kv:
+        note(f"the prompt ({len(tokens)} tokens) is longer than the window ({config.max_kv}); the model "
+             f"sees its first {config.sinks} and last {config.max_kv - config.sinks} tokens")
+    note(f"KV cache: {config.describe()}")
+    if saved is not None and not saved.path.exists():
+        # All but the prompt's last token, which generation needs to start from.
+        if len(to_feed) > 1:
+            prefill(model, to_feed[:-1], cache)
+        saved.save(cache, tokens[:-1], config, model_id=model_id)
+        to_feed = to_feed[-1:]
+        note(f"saved the prompt's cache to {saved.path}")
+    return cache, to_feed
+
+
+def report_run(response, model, cache: list, config: KVConfig) -> None:
+    """Speed, peak memory, and KV bytes next to what an fp16 cache would hold."""
+    from mlxkv.memory import format_bytes, layout_from_model, predict_kv_bytes
+
+    kv_bytes = sum(getattr(c, "nbytes", 0) for c in cache)
+    tokens = max((getattr(c, "offset", 0) for c in cache), default=0)
+    fp16 = predict_kv_bytes("fp16", layout_from_model(model), tokens, dtype_bytes=2)  # allocated, like ours
+    ratio = f" ({kv_bytes / fp16:.2f}x of fp16's {format_bytes(fp16)})" if fp16 else ""
+    note(
+        f"prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.1f} tokens/s | "
+        f"generation: {response.generation_tokens} tokens, {response.generation_tps:.1f} tokens/s | "
+        f"peak memory: {format_bytes(response.peak_memory * 1e9)} | KV cache: {format_bytes(kv_bytes)}{ratio}"
+    )
+
+
+def save_memory(tracker, args: argparse.Namespace) -> None:
+    if args.memory_report:
+        tracker.save(args.memory_report)
+        note(f"memory report: {args.memory_report}")
+    if args.memory_plot:
+        from mlxkv.memory import load_memory_run, plot_memory_runs
+
+        plot_memory_runs([*(load_memory_run(p) for p in args.memory_compare), tracker.run], args.memory_plot)
+        note(f"memory plot: {args.memory_plot}")
+    note(tracker.summary())
