@@ -8,7 +8,7 @@
 
 from mlxkv import device  # noqa: F401  (first: picks the BLAS before MLX loads)
 from mlxkv.attention import hook as _hook
-from mlxkv.caches import QuantizedCache, SinkWindowCache
+from mlxkv.caches import HeavyHitterCache, QuantizedCache, SinkWindowCache
 from mlxkv.caches.factory import make_kv_cache
 from mlxkv.caches.prompt_cache import load_prompt_cache, save_prompt_cache
 from mlxkv.config import KVConfig
@@ -28,6 +28,6 @@ def load(model: str | None = None, **kwargs):
 
 
 __all__ = [
-    "KVConfig", "QuantizedCache", "SinkWindowCache", "UserError", "load", "load_prompt_cache",
+    "HeavyHitterCache", "KVConfig", "QuantizedCache", "SinkWindowCache", "UserError", "load", "load_prompt_cache",
     "make_kv_cache", "save_prompt_cache",
 ]

@@ -115,7 +115,7 @@ def _is_gguf(path: Path) -> bool:
         return f.read(4) == GGUF_MAGIC
 
 
-def _looks_like_path(name: str) -> bool:
+def looks_like_path(name: str) -> bool:
     """A Hugging Face repo id is ``name`` or ``org/name``; anything else was meant as a path."""
     return (
         name.startswith(("/", ".", "~"))
@@ -151,7 +151,7 @@ def resolve_model_dir(model: str | os.PathLike[str] | None) -> tuple[str, Path]:
         if _is_gguf(path):
             return name, import_gguf_cached(path)
         raise UserError(f"{name} is not a GGUF file; pass a .gguf file, a model directory or a Hugging Face repo id")
-    if _looks_like_path(name):
+    if looks_like_path(name):
         raise UserError(f"no such file or directory: {name}")
     return name, _download(name)
 

@@ -52,15 +52,11 @@ def model_source(model: str | None = None, config_path: str | None = None) -> Mo
             return ModelSource(model, "config", read_config_json(path))
         raise UserError(f"{model} is neither a .gguf file nor a config.json; pass a model directory, "
                         "a .gguf file, a Hugging Face repo id or --config config.json")
-    if _looks_like_path(model):
+    from mlxkv.loading.loader import looks_like_path
+
+    if looks_like_path(model):
         raise UserError(f"no such file or directory: {model}")
     return hub_source(model)
-
-
-def _looks_like_path(name: str) -> bool:
-    from mlxkv.loading.loader import _looks_like_path as looks_like_path
-
-    return looks_like_path(name)
 
 
 def read_config_json(path: Path) -> dict[str, Any]:
