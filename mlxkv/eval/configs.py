@@ -72,14 +72,14 @@ def filled_bytes(layer_cache: Any) -> tuple[int, int] | None:
     residual tier for the tokens it keeps, without the slack of buffers grown in steps of
     256 tokens. None for caches that are not KV caches (recurrent state)."""
     if isinstance(layer_cache, ComposedCache):
-        recent = 0 if layer_cache.recent_keys is None else (
-            layer_cache.recent_keys.nbytes + layer_cache.recent_values.nbytes)
+        c = layer_cache
+        tiers = sum(t.nbytes for t in (c.recent_keys, c.recent_values, c.sink_keys, c.sink_values) if t is not None)
         stored = 0
-        for store in (layer_cache.key_store, layer_cache.value_store):
-            if store.parts is not None:
-                slots = min(layer_cache.flushed, store.capacity)
-                stored += sum(p.nbytes // p.shape[2] for p in store.parts) * slots
-        return stored + recent, layer_cache.size()
+        for store in (c.key_store, c.value_store):
+            slots = min(max(c.flushed - c.policy.sinks, 0), store.capacity)
+            if store.parts is not None and slots:
+                stored += sum(p.nbytes for p in store.read(slots))  # any layout: the filled slots only
+        return stored + tiers, c.size()
     if not hasattr(layer_cache, "keys") or not hasattr(layer_cache, "offset"):
         return None
     arrays = _flat(layer_cache.keys) + _flat(layer_cache.values)
