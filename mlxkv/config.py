@@ -251,7 +251,7 @@ class KVConfig:
     def check_head_dim(self, head_dim: int) -> None:
         """Group-wise quantization needs groups that tile the head dimension; rotation needs
         a size mx.hadamard_transform supports."""
-        if self.rotate and not _hadamard_size(head_dim):
+        if self.rotate and not hadamard_size(head_dim):
             raise UserError(
                 f"rotation needs head_dim = m * 2^k with m in {HADAMARD_BASES}; this model's is {head_dim}: "
                 "drop the rotation"
@@ -284,7 +284,8 @@ class KVConfig:
         return "\n".join(f"  {name:<12} {desc}" for name, (_, desc) in NAMED_CONFIGS.items())
 
 
-def _hadamard_size(n: int) -> bool:
+def hadamard_size(n: int) -> bool:
+    """Whether mx.hadamard_transform supports vectors of n elements."""
     for m in HADAMARD_BASES:
         if n % m == 0 and (n // m) & (n // m - 1) == 0:
             return True

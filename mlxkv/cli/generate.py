@@ -36,8 +36,8 @@ def add_kv_arguments(parser: argparse.ArgumentParser) -> None:
     kv.add_argument("--kv-residual", type=int, metavar="TOKENS",
                     help="newest tokens kept in 16-bit beside the packed cache (default 32)")
     kv.add_argument("--kv-mode", choices=MODES, help="affine (default) or one of MLX's microscaling formats")
-    kv.add_argument("--kv-rotate", action="store_true", default=None,
-                    help="Hadamard-rotate keys/queries and values before quantizing (spreads outliers)")
+    kv.add_argument("--kv-rotate", action=argparse.BooleanOptionalAction, default=None,
+                    help="Hadamard-rotate keys/queries and values before quantizing (spreads outliers; see QUALITY.md)")
     kv.add_argument("--per-channel-keys", action="store_true", default=None,
                     help="quantize keys per channel over groups of tokens (KIVI)")
     kv.add_argument("--kv-adaptive", metavar="STEPS",
