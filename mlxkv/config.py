@@ -334,6 +334,8 @@ NAMED_CONFIGS: dict[str, tuple[dict[str, Any], str]] = {
     "q4-rot": ({"bits": 4, "rotate": True}, "4-bit, Hadamard-rotated keys and values"),
     "k4v3-rot": ({"k_bits": 4, "v_bits": 3, "rotate": True},
                  "4-bit keys, 3-bit values, rotated: 4.4 bits per element at 1K tokens, KLD 0.008 (QUALITY.md)"),
+    "k3v2-kivi-rot": ({"k_bits": 3, "v_bits": 2, "per_channel_keys": True, "rotate": True, "residual": 0},
+                      "3-bit per-channel keys, 2-bit values, rotated: 3.0 bits per element, KLD 0.066 (QUALITY.md)"),
     "q4-kivi": ({"bits": 4, "per_channel_keys": True}, "4-bit, keys per channel (KIVI), values per token"),
     "q4-kivi-rot": ({"bits": 4, "per_channel_keys": True, "rotate": True}, "4-bit, per-channel keys, rotated"),
     "mxfp4": ({"mode": "mxfp4"}, "MLX microscaling fp4 (e2m1, 8-bit shared exponent per 32)"),
