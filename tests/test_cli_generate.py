@@ -37,6 +37,7 @@ def test_design_card_command_answers_with_a_4bit_window():
     assert "Paris" in out.stdout
     assert "[mlxkv]" not in out.stdout  # statistics go to stderr, stdout stays clean for pipes
     assert "KV cache:" in out.stderr and "tokens/s" in out.stderr
+    assert "4-bit g64 per-channel K rotated" in out.stderr  # --kv-bits picks the best measured scheme
 
 
 @pytest.mark.real_model
