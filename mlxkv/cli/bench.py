@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import textwrap
 from collections.abc import Sequence
@@ -13,6 +12,7 @@ from typing import Any
 from mlxkv.bench.runner import DEFAULT_CONFIGS, DEFAULT_CONTEXTS, DEFAULT_PREFILL_CHUNK, PROMPT_NOTE
 from mlxkv.config import KVConfig
 from mlxkv.errors import UserError
+from mlxkv.report import check_output_path
 
 MIB = 2**20
 
@@ -105,20 +105,6 @@ def add_bench_arguments(p: argparse.ArgumentParser, contexts: Sequence[int] = DE
     p.add_argument("--plot", metavar="FILE.png", help="plot tokens/s and memory against context to FILE (needs matplotlib)")
 
 
-def _check_output(path: str | None, option: str) -> None:
-    """Fail before a long run, not after it, when an output cannot be written."""
-    if path is None:
-        return
-    target = Path(path)
-    if target.is_dir():
-        raise UserError(f"{option} {path} is a directory; give a file name")
-    parent = target.parent if str(target.parent) else Path(".")
-    if not parent.is_dir():
-        raise UserError(f"{option} {path}: directory {parent} does not exist; create it or choose another path")
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"{option} {path}: directory {parent} is not writable; choose another path")
-
-
 def display_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """The rows with the derived cells the tables show (MiB, spread, percent)."""
     shown = []
@@ -176,7 +162,7 @@ def check_arguments(args: argparse.Namespace) -> None:
     if args.trials < 1:
         raise UserError(f"--trials must be at least 1, got {args.trials}")
     for path, option in ((args.json, "--json"), (args.markdown, "--markdown"), (args.plot, "--plot")):
-        _check_output(path, option)
+        check_output_path(path, option)
     if args.plot:
         require_pyplot()
 
