@@ -290,7 +290,11 @@ def fp16_reference(specs: Sequence[CacheSpec]) -> str | None:
 
 def add_ratios(rows: list[dict[str, Any]], specs: Sequence[CacheSpec]) -> list[dict[str, Any]]:
     """Add each row's tokens/s ratios to its mlx-lm baseline and to the full-precision cache
-    of the same context, both measured in this run; None where there is none."""
+    of the same context, both measured in this run; None where there is none.
+
+    A ratio is the median over trials of per-trial ratios: trial t of a row is compared with
+    trial t of its reference, measured in the same round minutes apart, so a load that
+    changes between rounds (a shared machine) cancels out."""
     by_key = {(r["config"], r["context"]): r for r in rows}
     configs = {s.label: s.config for s in specs}
     full = fp16_reference(specs)
@@ -300,5 +304,10 @@ def add_ratios(rows: list[dict[str, Any]], specs: Sequence[CacheSpec]) -> list[d
             ref = by_key.get((ref_name, row["context"]))
             row[f"{label}_config"] = ref_name if ref else None
             for metric in ("decode_tps", "prefill_tps"):
-                row[f"{metric}_vs_{label}"] = row[metric] / ref[metric] if ref else None
+                row[f"{metric}_vs_{label}"] = _paired_ratio(row[f"{metric}_trials"], ref[f"{metric}_trials"]) if ref else None
     return rows
+
+
+def _paired_ratio(values: Sequence[float], references: Sequence[float]) -> float:
+    """Median of value/reference over the trials both have (an interrupted run may lack some)."""
+    return statistics.median(v / r for v, r in zip(values, references))
