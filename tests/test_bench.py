@@ -8,6 +8,8 @@ import math
 
 import pytest
 
+from mlxkv.memory.tracker import model_weights_bytes
+
 import mlxkv
 from mlxkv.bench import runner
 from mlxkv.cli.main import main
@@ -154,7 +156,7 @@ def test_runs_are_interleaved_and_summarized(model, monkeypatch):
     assert sorted(q4["decode_tps_trials"]) == [2.0, 4.0, 8.0]  # 8 tokens / 4, 2, 1 s
     assert (q4["decode_tps"], q4["decode_tps_min"], q4["decode_tps_max"]) == (4.0, 2.0, 8.0)
     assert q4["kv_vs_fp16"] == 0.5 and q4["kv_bits_per_element"] == 8.0
-    weights = runner.weights_bytes(model)
+    weights = model_weights_bytes(model)
     assert q4["decode_overhead_bytes"] == 9_000 - weights - 1024
 
 

@@ -20,12 +20,12 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
 
 from mlxkv.caches.factory import model_head_dim
 from mlxkv.config import KVConfig
 from mlxkv.errors import UserError
 from mlxkv.eval.configs import CacheSpec, filled_bytes, parse_specs
+from mlxkv.memory.tracker import layer_kv_bytes, model_weights_bytes
 from mlxkv.stepping import prefill
 
 DEFAULT_CONFIGS = ("fp16", "q8", "q4", "k8v4", "mlxlm-fp16", "mlxlm-q8", "mlxlm-q4")
@@ -87,11 +87,6 @@ def synthetic_prompt(model: nn.Module, length: int, seed: int = 0) -> mx.array:
 
 
 # -- sizes ---------------------------------------------------------------------------
-def weights_bytes(model: nn.Module) -> int:
-    """Bytes of the model's parameters, as MLX holds them."""
-    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
-
-
 def kv_sizes(model: nn.Module, cache: Sequence[Any]) -> dict[str, int]:
     """The cache's bytes three ways: allocated (mlx-lm's caches and ours grow in steps of
     256 tokens), filled (the tokens held, no slack), and what those tokens would take in a
@@ -101,21 +96,10 @@ def kv_sizes(model: nn.Module, cache: Sequence[Any]) -> dict[str, int]:
     per_token = 2 * int(heads or 0) * (model_head_dim(model) or 0)
     filled = [f for f in (filled_bytes(c) for c in cache) if f is not None]
     return {
-        "kv_bytes": cache_bytes(cache),
+        "kv_bytes": sum(layer_kv_bytes(cache)),
         "kv_filled_bytes": sum(size for size, _ in filled),
         "kv_fp16_bytes": FP16_BYTES * per_token * sum(held for _, held in filled),
     }
-
-
-def cache_bytes(cache: Sequence[Any]) -> int:
-    """Bytes the caches allocate (mlx-lm and ours both grow in steps of 256 tokens)."""
-    total = 0
-    for c in cache:
-        try:
-            total += int(c.nbytes)
-        except (NotImplementedError, AttributeError):
-            pass
-    return total
 
 
 # -- one run -------------------------------------------------------------------------
@@ -207,7 +191,7 @@ def run_bench(
             raise
         print("mlxkv: interrupted; reporting the runs that finished (see each row's trials)", file=sys.stderr)
 
-    weights = weights_bytes(model)
+    weights = model_weights_bytes(model)
     rows = [
         summarize(spec, n, samples[(spec.label, n)], gen_tokens, weights)
         for n in contexts for spec in specs if (spec.label, n) in samples

@@ -78,10 +78,12 @@ class ComposedCache:
         """quantized_kv_start / adaptive steps: once the cache holds a step's tokens,
         re-encode the stores in place at that step's bits."""
         steps = self.config.precision_steps
-        if not self.config.quantized or self.stage + 1 >= len(steps) or self.offset < steps[self.stage + 1][0]:
+        stage = self.stage
+        while self.config.quantized and stage + 1 < len(steps) and self.offset >= steps[stage + 1][0]:
+            stage += 1
+        if stage == self.stage:
             return
-        while self.stage + 1 < len(steps) and self.offset >= steps[self.stage + 1][0]:
-            self.stage += 1
+        self.stage = stage
         old_k, old_v = self.key_store, self.value_store
         new_k, new_v = self._make_stores()
         # Stores written a group at a time take whole groups: the rest returns to the 16-bit tier.
@@ -148,14 +150,13 @@ class ComposedCache:
             self.key_store.write(slot, new_keys[..., rows, :])
             self.value_store.write(slot, new_values[..., rows, :])
 
-        recent_dtype = self.tier_dtype
         if to_sinks:
-            self.sink_keys = _append(self.sink_keys, new_keys[..., :to_sinks, :].astype(recent_dtype))
-            self.sink_values = _append(self.sink_values, new_values[..., :to_sinks, :].astype(recent_dtype))
+            self.sink_keys = _append(self.sink_keys, new_keys[..., :to_sinks, :].astype(self.tier_dtype))
+            self.sink_values = _append(self.sink_values, new_values[..., :to_sinks, :].astype(self.tier_dtype))
         kept = new_flushed - flushed
         if kept < new_keys.shape[2]:
-            self.recent_keys = new_keys[..., kept:, :].astype(recent_dtype)
-            self.recent_values = new_values[..., kept:, :].astype(recent_dtype)
+            self.recent_keys = new_keys[..., kept:, :].astype(self.tier_dtype)
+            self.recent_values = new_values[..., kept:, :].astype(self.tier_dtype)
         else:
             self.recent_keys = self.recent_values = None
         if scored:

@@ -254,9 +254,9 @@ def prepare_cache(model, config: KVConfig, tokens: list[int], prompt_cache: str 
 
 def report_run(response, model, cache: list, config: KVConfig) -> None:
     """Speed, peak memory, and KV bytes next to what an fp16 cache would hold."""
-    from mlxkv.memory import format_bytes, layout_from_model, predict_kv_bytes
+    from mlxkv.memory import format_bytes, layer_kv_bytes, layout_from_model, predict_kv_bytes
 
-    kv_bytes = sum(getattr(c, "nbytes", 0) for c in cache)
+    kv_bytes = sum(layer_kv_bytes(cache))
     tokens = max((getattr(c, "offset", 0) for c in cache), default=0)
     fp16 = predict_kv_bytes("fp16", layout_from_model(model), tokens, dtype_bytes=2)  # allocated, like ours
     ratio = f" ({kv_bytes / fp16:.2f}x of fp16's {format_bytes(fp16)})" if fp16 else ""
