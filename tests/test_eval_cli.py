@@ -82,6 +82,13 @@ def test_kld_reads_a_user_text(tiny_cli, tmp_path, capsys):
     (["passkey", "--depths", "0,1.5"], "outside 0..1"),
     (["passkey", "--trials", "0"], "--trials must be at least 1"),
     (["passkey", "--markdown", "/nonexistent/dir/p.md"], "does not exist"),
+    (["layers", "--base", "mlxlm-q4"], "cannot take per-layer bits"),
+    (["layers", "--base", "mxfp4"], "cannot take per-layer bits"),
+    (["layers", "--base", "q4", "--high-bits", "3"], "is not above the base's 4 bits"),
+    (["layers", "--high-bits", "7"], "--high-bits 7 is not supported"),
+    (["layers", "--base", "q3", "--budget", "3"], "below 3-bit's 3.50"),
+    (["layers", "--check-tokens", "-1"], "--check-tokens at least 0"),
+    (["layers", "--plot", "/nonexistent/dir/l.png"], "does not exist"),
 ])
 def test_bad_input_is_one_line_before_loading(no_model, capsys, argv, message):
     assert main(["eval", *argv]) == 2

@@ -1,10 +1,14 @@
 """Per-layer calibration: measured sensitivity and where the bit budget goes."""
 
+import importlib.util
+import json
+
 import mlx.core as mx
 import pytest
 
 import mlxkv
-from mlxkv.eval.layers import allocate_bits, calibrated_config, format_layer_bits, layer_sensitivity
+from mlxkv.cli.main import main
+from mlxkv.eval.layers import allocate_bits, calibrated_config, end_layers, format_layer_bits, layer_sensitivity
 from mlxkv.loading.tiny import tiny_model
 
 
@@ -32,3 +36,41 @@ def test_budget_goes_to_the_most_sensitive_layers():
     assert format_layer_bits(((1, 8), (3, 8))) == "1:8,3:8"
     with pytest.raises(mlxkv.UserError, match="below 2-bit"):
         allocate_bits(sensitivity, 2, 8, 2.0)
+
+
+def test_end_layers_alternate_from_both_ends():
+    assert end_layers(3, 30, 8) == ((0, 8), (1, 8), (29, 8))
+    assert end_layers(9, 4, 6) == ((0, 6), (1, 6), (2, 6), (3, 6))
+    assert end_layers(0, 4, 8) == ()
+
+
+def test_eval_layers_cli_raises_the_most_sensitive_layers(monkeypatch, tmp_path, capsys):
+    """Layer 2's attention output is zeroed, so its cache cannot matter: the calibration must
+    measure it as insensitive, spend the budget elsewhere, and the held-out check must show
+    the calibrated map beating the base config alone."""
+    model = tiny_model("llama", head_dim=64, num_hidden_layers=4)
+    attn = model.model.layers[2].self_attn
+    attn.o_proj.weight = mx.zeros_like(attn.o_proj.weight)
+
+    class ByteTokenizer:
+        def encode(self, text):
+            return list(text.encode("utf-8"))
+
+    monkeypatch.setattr(mlxkv, "load", lambda name=None, **kw: (model, ByteTokenizer()))
+    out = tmp_path / "layers.json"
+    # 2-bit g64 = 2.5, 8-bit g64 = 8.5 bits: a 4.0 budget raises 1 of 4 layers
+    argv = ["eval", "layers", "--base", "q2:residual=0", "--budget", "4.0", "--tokens", "64",
+            "--check-tokens", "64", "--json", str(out)]
+    if importlib.util.find_spec("matplotlib"):
+        argv += ["--plot", str(tmp_path / "layers.png")]
+    assert main(argv) == 0
+    data = json.loads(out.read_text())
+    rows = {r["layer"]: r for r in data["rows"]}
+    assert sorted(rows) == [0, 1, 2, 3]
+    assert rows[2]["kld"] < 1e-9 and rows[2]["bits"] == 2
+    raised = [layer for layer, r in rows.items() if r["bits"] == 8]
+    assert raised == [max(rows, key=lambda i: rows[i]["kld"])]
+    assert data["metadata"]["kv_bits_map"] == f"{raised[0]}:8"
+    check = {r["config"]: r for r in data["metadata"]["check"]}
+    assert check["q2:residual=0 + calibrated map"]["kld"] < check["q2:residual=0"]["kld"]
+    assert f"--kv-bits-map {raised[0]}:8" in capsys.readouterr().out

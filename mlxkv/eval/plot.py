@@ -45,3 +45,25 @@ def plot_kld(rows: Sequence[dict[str, Any]], path: str | os.PathLike, title: str
     if title:
         ax.set_title(title, fontsize="medium")
     save_figure(fig, path)
+
+
+def plot_layers(rows: Sequence[dict[str, Any]], path: str | os.PathLike, title: str = "") -> None:
+    """One bar per layer: the KL divergence of quantizing that layer alone (log scale),
+    the layers the bit map raises in a second colour."""
+    plt = require_pyplot()
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.28 * len(rows) + 2), 4))
+    bits = [r["bits"] or 16 for r in rows]  # 0 = full precision
+    low = min(bits)
+    colours = ["tab:orange" if b != low else "tab:blue" for b in bits]
+    ax.bar([r["layer"] for r in rows], [max(r["kld"], 1e-12) for r in rows], color=colours)
+    ax.set_yscale("log")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("KL divergence, this layer alone quantized (nats)")
+    ax.grid(True, axis="y", which="both", alpha=0.3)
+    handles = [plt.Rectangle((0, 0), 1, 1, color="tab:blue", label=f"kept at {low} bits")]
+    if any(c == "tab:orange" for c in colours):
+        handles.append(plt.Rectangle((0, 0), 1, 1, color="tab:orange", label=f"raised to {max(bits)} bits"))
+    ax.legend(handles=handles, fontsize="small")
+    if title:
+        ax.set_title(title, fontsize="medium")
+    save_figure(fig, path)
