@@ -17,10 +17,7 @@ import sys
 import mlxkv  # noqa: F401  (first: picks the BLAS before MLX loads)
 from mlxkv.cli.bench import add_bench_arguments, bench_and_report, check_arguments
 from mlxkv.errors import UserError
-from mlxkv.loading.tiny import tiny_model
-
-ATTENTION_SHAPE = {"hidden_size": 576, "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64}
-"""SmolLM2-135M's attention: the part of the model a KV cache changes."""
+from mlxkv.loading.tiny import SMOLLM2_ATTENTION, tiny_model
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError("--layers and --mlp must be at least 1")
         model = tiny_model(
             "llama", num_hidden_layers=args.layers, intermediate_size=args.mlp,
-            max_position_embeddings=max(args.contexts) + args.gen_tokens, **ATTENTION_SHAPE,
+            max_position_embeddings=max(args.contexts) + args.gen_tokens, **SMOLLM2_ATTENTION,
         )
         name = f"random llama, {args.layers} layers, SmolLM2-135M attention (9x3 heads x 64), MLP {args.mlp}"
         return bench_and_report(model, name, args)

@@ -272,7 +272,9 @@ def fp16_reference(specs: Sequence[CacheSpec]) -> str | None:
     return full[0].label if full else None
 
 
-def add_ratios(rows: list[dict[str, Any]], specs: Sequence[CacheSpec]) -> list[dict[str, Any]]:
+def add_ratios(
+    rows: list[dict[str, Any]], specs: Sequence[CacheSpec], metrics: Sequence[str] = ("decode_tps", "prefill_tps")
+) -> list[dict[str, Any]]:
     """Add each row's tokens/s ratios to its mlx-lm baseline and to the full-precision cache
     of the same context, both measured in this run; None where there is none.
 
@@ -287,11 +289,11 @@ def add_ratios(rows: list[dict[str, Any]], specs: Sequence[CacheSpec]) -> list[d
         for label, ref_name in (("baseline", base), ("fp16", full)):
             ref = by_key.get((ref_name, row["context"]))
             row[f"{label}_config"] = ref_name if ref else None
-            for metric in ("decode_tps", "prefill_tps"):
-                row[f"{metric}_vs_{label}"] = _paired_ratio(row[f"{metric}_trials"], ref[f"{metric}_trials"]) if ref else None
+            for metric in metrics:
+                row[f"{metric}_vs_{label}"] = paired_ratio(row[f"{metric}_trials"], ref[f"{metric}_trials"]) if ref else None
     return rows
 
 
-def _paired_ratio(values: Sequence[float], references: Sequence[float]) -> float:
+def paired_ratio(values: Sequence[float], references: Sequence[float]) -> float:
     """Median of value/reference over the trials both have (an interrupted run may lack some)."""
     return statistics.median(v / r for v, r in zip(values, references))

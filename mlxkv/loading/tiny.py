@@ -76,6 +76,10 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
 }
 TINY_ARCHS = tuple(TINY_CONFIGS)
 
+SMOLLM2_ATTENTION: dict[str, int] = {"hidden_size": 576, "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64}
+"""The default model's (SmolLM2-135M) attention shape: the part of a model a KV cache changes.
+Benches give tiny models this shape so cache costs match the real model's per layer."""
+
 
 def tiny_config(arch: str = "llama", **overrides: Any) -> dict[str, Any]:
     """The config dict of a tiny ``arch`` model, with ``overrides`` applied."""
