@@ -101,12 +101,14 @@ def test_kv_bytes_match_counts_from_first_principles(model):
     """fp16 yardstick: 2 bytes per element of the tokens held. Allocated: whole steps of 256
     tokens. mlx-lm's KVCache holds float32 (the tiny model's dtype); ours at 4 bits g64
     packs the flushed tokens at 4 bits + a 16-bit scale and bias per 64 elements and keeps
-    the newest 32 in 16 bits; mlx-lm's 4-bit cache keeps scales and biases in float32."""
+    the newest 32 and the first 4 (attention sinks) in 16 bits; mlx-lm's 4-bit cache keeps
+    scales and biases in float32."""
     context, gen = 300, 5
     configs = ["fp16", "q4", "mlxlm-fp16", "mlxlm-q4"]
     by = {r["config"]: r for r in runner.run_bench(model, configs, [context], gen, trials=1, warmup=False)}
     tokens = context + gen
-    flushed = tokens - DEFAULT_RESIDUAL
+    sinks = 4
+    packed = tokens - DEFAULT_RESIDUAL - sinks
     per_token = LAYERS * 2 * KV_HEADS * HEAD_DIM  # elements: layers x (K, V) x heads x dim
     ours_bits, mlx_lm_bits = 4 + 2 * 16 / 64, 4 + 2 * 32 / 64
 
@@ -115,8 +117,8 @@ def test_kv_bytes_match_counts_from_first_principles(model):
     for config in ("fp16", "mlxlm-fp16"):
         assert by[config]["kv_bytes"] == per_token * steps(tokens) * 4
         assert by[config]["kv_bits_per_element"] == 32
-    assert by["q4"]["kv_bytes"] == per_token * (steps(flushed) * ours_bits / 8 + DEFAULT_RESIDUAL * 2)
-    ours_filled = per_token * (flushed * ours_bits / 8 + DEFAULT_RESIDUAL * 2)
+    assert by["q4"]["kv_bytes"] == per_token * (steps(packed) * ours_bits / 8 + (DEFAULT_RESIDUAL + sinks) * 2)
+    ours_filled = per_token * (packed * ours_bits / 8 + (DEFAULT_RESIDUAL + sinks) * 2)
     assert by["q4"]["kv_filled_bytes"] == ours_filled
     assert by["q4"]["kv_bits_per_element"] == pytest.approx(8 * ours_filled / (per_token * tokens))
     assert by["q4"]["kv_vs_fp16"] == pytest.approx(ours_filled / (per_token * tokens * 2))

@@ -102,6 +102,11 @@ def causal(q, k):
     return k <= q
 
 
+def exact_sinks(cfg):
+    """Quantized caches keep the first ``sinks`` tokens (attention sinks) in 16-bit."""
+    return cfg.sinks if cfg.quantized else 0
+
+
 BITS = [None, 2, 3, 4, 5, 6, 8]
 GROUPS = [32, 64, 128]
 GQA = [(4, 4), (6, 2)]
@@ -115,21 +120,22 @@ def test_unbounded_cache_matches_reference(bits, group_size, heads):
     cache = QuantizedCache(cfg)
     # a prefill chunk, decode steps, a chunk longer than the residual, more decode
     chunks = [13, 1, 1, 1, 20, 1, 1, 5, 1]
-    run_against_reference(cache, cfg, chunks, n_q, n_kv, head_dim, causal, cache.residual)
+    run_against_reference(cache, cfg, chunks, n_q, n_kv, head_dim, causal, cache.residual, exact_sinks(cfg))
 
 
 @pytest.mark.parametrize("k_bits,v_bits", [(8, 4), (4, 2), (0, 4), (4, 0)])
 def test_keys_and_values_with_their_own_bits(k_bits, v_bits):
     cfg = KVConfig(k_bits=k_bits, v_bits=v_bits, residual=4)
     cache = QuantizedCache(cfg)
-    run_against_reference(cache, cfg, [9, 1, 1, 7, 1, 1], 4, 2, 64, causal, cache.residual)
+    run_against_reference(cache, cfg, [9, 1, 1, 7, 1, 1], 4, 2, 64, causal, cache.residual, exact_sinks(cfg))
 
 
 @pytest.mark.parametrize("residual", [0, 1, 16])
-def test_residual_sizes(residual):
-    cfg = KVConfig(bits=4, residual=residual)
+@pytest.mark.parametrize("sinks", [0, 4, 20])
+def test_residual_and_sink_sizes(residual, sinks):
+    cfg = KVConfig(bits=4, residual=residual, sinks=sinks)
     cache = QuantizedCache(cfg)
-    run_against_reference(cache, cfg, [17, 1, 1, 1, 3, 1], 4, 2, 64, causal, cache.residual)
+    run_against_reference(cache, cfg, [17, 1, 1, 1, 3, 1], 4, 2, 64, causal, cache.residual, sinks)
 
 
 def sink_window(sinks, window):
@@ -188,10 +194,11 @@ def test_quantized_kv_start_converts_mid_stream():
     for _ in range(4):
         cache.update_and_fetch(mx.random.normal((1, 2, 1, 64)), mx.random.normal((1, 2, 1, 64)))
     assert cache.offset == 12 and not cache.key_store.lossy
-    dense = cache.key_store.decode(cache.key_store.read(cache.flushed))
+    stored = cache.flushed - cfg.sinks  # the first tokens wait in the 16-bit sink tier
+    dense = cache.key_store.decode(cache.key_store.read(stored))
     cache.update_and_fetch(mx.random.normal((1, 2, 1, 64)), mx.random.normal((1, 2, 1, 64)))
     assert cache.key_store.lossy
-    converted = cache.key_store.decode(cache.key_store.read(8))
+    converted = cache.key_store.decode(cache.key_store.read(stored))
     assert mx.allclose(converted, fake_quant(dense, 4, 64), atol=1e-6)
 
 
@@ -203,13 +210,13 @@ def test_per_channel_keys_match_reference_at_group_boundaries(bits, group_size, 
     head_dim = 128 if group_size == 128 else 64
     # chunks that end before, exactly at, and across group boundaries
     chunks = [group_size - 3, 1, 1, 1, 1, group_size + 7, 1, 2 * group_size, 1, 1]
-    run_against_reference(cache, cfg, chunks, 6, 2, head_dim, causal, cache.residual)
-    assert cache.flushed % group_size == 0
+    run_against_reference(cache, cfg, chunks, 6, 2, head_dim, causal, cache.residual, exact_sinks(cfg))
+    assert (cache.flushed - exact_sinks(cfg)) % group_size == 0  # groups count from the first non-sink
     assert cache.offset - cache.flushed < residual + group_size  # the 16-bit tier stays bounded
 
 
 def test_per_channel_trim_pulls_the_cut_group_back_to_the_exact_tier():
-    cfg = KVConfig(bits=4, group_size=32, per_channel_keys=True, residual=0)
+    cfg = KVConfig(bits=4, group_size=32, per_channel_keys=True, residual=0, sinks=0)  # groups from token 0
     cache = QuantizedCache(cfg)
     x = mx.random.normal((1, 2, 70, 64))
     cache.update_and_fetch(x, x)
@@ -223,7 +230,7 @@ def test_per_channel_trim_pulls_the_cut_group_back_to_the_exact_tier():
 
 
 def test_per_channel_keys_convert_at_quantized_kv_start():
-    cfg = KVConfig(bits=4, group_size=32, per_channel_keys=True, quantized_kv_start=40, residual=4)
+    cfg = KVConfig(bits=4, group_size=32, per_channel_keys=True, quantized_kv_start=40, residual=4, sinks=0)
     cache = QuantizedCache(cfg)
     x = mx.random.normal((1, 2, 45, 64))
     cache.update_and_fetch(x[..., :41, :], x[..., :41, :])
@@ -262,7 +269,7 @@ def test_rotation_leaves_full_precision_attention_unchanged():
 )
 def test_rotated_and_microscaling_caches_match_reference(cfg):
     cache = QuantizedCache(cfg)
-    run_against_reference(cache, cfg, [40, 1, 1, 1, 33, 1, 1], 6, 2, 64, causal, cache.residual)
+    run_against_reference(cache, cfg, [40, 1, 1, 1, 33, 1, 1], 6, 2, 64, causal, cache.residual, exact_sinks(cfg))
 
 
 def test_rotation_rejects_head_dims_hadamard_cannot_do():

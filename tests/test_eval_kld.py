@@ -106,13 +106,14 @@ def test_every_position_with_a_next_token_is_scored(model, tokens, n, chunk):
 
 def test_bits_per_element_counts_filled_bytes(model, tokens):
     n = len(tokens)
-    rows = by_config(evaluate_kld(model, tokens, ["fp16", "q4:residual=0", "q4:residual=16", "mlxlm-q4", "k8v4:residual=0"], chunk=16))
+    configs = ["fp16", "q4:residual=0:sinks=0", "q4:residual=16", "mlxlm-q4", "k8v4:residual=0:sinks=0"]
+    rows = by_config(evaluate_kld(model, tokens, configs, chunk=16))
     assert rows["fp16"]["bits_per_element"] == 32  # float32 on a CPU device, no growth slack
-    assert rows["q4:residual=0"]["bits_per_element"] == pytest.approx(4 + 2 * 16 / 64)
-    # 16 newest tokens in float16, the rest packed at 4.5 bits
-    assert rows["q4:residual=16"]["bits_per_element"] == pytest.approx(((n - 16) * 4.5 + 16 * 16) / n)
+    assert rows["q4:residual=0:sinks=0"]["bits_per_element"] == pytest.approx(4 + 2 * 16 / 64)
+    # 16 newest tokens and the 4 sinks in float16, the rest packed at 4.5 bits
+    assert rows["q4:residual=16"]["bits_per_element"] == pytest.approx(((n - 20) * 4.5 + 20 * 16) / n)
     assert rows["mlxlm-q4"]["bits_per_element"] == pytest.approx(4 + 2 * 32 / 64)  # scales in float32
-    assert rows["k8v4:residual=0"]["bits_per_element"] == pytest.approx((8.5 + 4.5) / 2)
+    assert rows["k8v4:residual=0:sinks=0"]["bits_per_element"] == pytest.approx((8.5 + 4.5) / 2)
 
 
 def test_chunk_size_matters_for_our_cache(model, tokens):

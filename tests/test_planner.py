@@ -150,9 +150,10 @@ def test_llama3_8b_numbers_from_the_issue():
     assert kv_bytes_per_token("fp16", layout) == 131_072
     assert kv_bytes_per_token("q4", layout) == 36_864  # 4 bits + 2 x 16 bits per 64 elements
     assert predict_kv_bytes("fp16", layout, 32 * 1024) == 4 * 1024**3
-    # 4-bit: packed tokens plus the 32 newest in 16-bit, the store in whole 256-token steps
-    assert predict_kv_bytes("q4", layout, 32 * 1024) == 36_864 * 32 * 1024 + 32 * 131_072
-    assert predict_kv_bytes("q4", layout, 32 * 1024, allocated=False) == 36_864 * (32 * 1024 - 32) + 32 * 131_072
+    # 4-bit: packed tokens plus the 32 newest and the 4 sinks in 16-bit, the store in whole
+    # 256-token steps (32,732 packed tokens take 32,768 slots)
+    assert predict_kv_bytes("q4", layout, 32 * 1024) == 36_864 * 32 * 1024 + (32 + 4) * 131_072
+    assert predict_kv_bytes("q4", layout, 32 * 1024, allocated=False) == 36_864 * (32 * 1024 - 36) + 36 * 131_072
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)

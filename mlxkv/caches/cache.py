@@ -198,16 +198,18 @@ class ComposedCache:
         if flushed == 0 or self.key_store.parts is None:
             return None
         slot_pos = self.policy.slot_positions(flushed)
-        if slot_pos is None:  # KeepAll: slot i holds position i
-            n_slots = min(flushed, hide_from)
+        if slot_pos is None:  # KeepAll: slot i holds position sinks + i
+            first = self.policy.sinks
+            end = min(flushed, hide_from)  # one past the newest stored position
+            n_slots = max(end - first, 0)
             if n_slots == 0:
                 return None
-            if n_slots <= q_first + 1:  # every slot is at or before the first query
+            if end <= q_first + 1:  # every slot is at or before the first query
                 mask = None
-            elif n_slots == q_first + n_queries:
+            elif end == q_first + n_queries:
                 mask = "causal"
             else:
-                mask = self.policy.visible(mx.arange(q_first, q_first + n_queries), mx.arange(n_slots))
+                mask = self.policy.visible(mx.arange(q_first, q_first + n_queries), mx.arange(first, end))
         else:
             n_slots = slot_pos.shape[0]
             if n_slots == 0:
@@ -373,7 +375,7 @@ class QuantizedCache(ComposedCache):
     """Keeps every token; quantized as the config says (full precision without bits)."""
 
     def __init__(self, config: KVConfig) -> None:
-        super().__init__(config, KeepAll(), config.effective_residual)
+        super().__init__(config, KeepAll(config.exact_sinks), config.effective_residual)
 
 
 class SinkWindowCache(ComposedCache):

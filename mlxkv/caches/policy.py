@@ -17,26 +17,29 @@ Run = tuple[int, int, int]
 
 
 class KeepAll:
-    """Every token stays; the token at position p lives in slot p."""
+    """Every token stays. The first ``sinks`` tokens live in the cache's 16-bit sink tier
+    (attention sinks, kept exact); the token at position p >= sinks lives in slot p - sinks."""
 
     bounded = False
     capacity: int | None = None
     scored = False
     """Whether placement ranks tokens by the attention they received (see HeavyHitters)."""
 
-    def params(self) -> dict[str, Any]:
-        return {}
+    def __init__(self, sinks: int = 0) -> None:
+        self.sinks = sinks
 
-    sinks = 0
+    def params(self) -> dict[str, Any]:
+        return {"sinks": self.sinks} if self.sinks else {}
 
     def slot_of(self, pos: int) -> int:
-        return pos
+        return pos - self.sinks
 
     def placements(self, start: int, n: int, scores: mx.array | None = None) -> list[Run]:
-        return [(start, 0, n)] if n > 0 else []
+        """Runs for positions ``start .. start+n`` (all past the sinks)."""
+        return [(start - self.sinks, 0, n)] if n > 0 else []
 
     def slot_positions(self, flushed: int) -> mx.array | None:
-        """None: slot i holds position i (the caller reads only the first ``flushed`` slots)."""
+        """None: slot i holds position ``sinks + i`` (the caller reads only the filled slots)."""
         return None
 
     def visible(self, q_pos: mx.array, k_pos: mx.array) -> mx.array:
@@ -209,6 +212,6 @@ Policy = KeepAll | SinkWindow | HeavyHitters
 
 
 def policy_from_params(params: dict[str, Any]) -> Policy:
-    if not params:
-        return KeepAll()
-    return HeavyHitters(**params) if "capacity" in params else SinkWindow(**params)
+    if "capacity" in params:
+        return HeavyHitters(**params)
+    return SinkWindow(**params) if "window" in params else KeepAll(**params)

@@ -95,7 +95,7 @@ def _round_up(n: int, step: int = GROWTH_STEP) -> int:
 
 class ComposedMirror(CacheMirror):
     """Ours (``ComposedCache``): key/value stores plus 16-bit tiers for the newest ``residual``
-    tokens and, in a window, the ``sinks``. A window's store is a ring of ``window - residual``
+    tokens and the ``sinks`` (a window's, or a quantized cache's exact sinks). A window's store is a ring of ``window - residual``
     slots (in whole ``unit``s); stores written a group of tokens at a time (per-channel
     keys) take tokens in whole groups, the rest waits in the 16-bit tier."""
 
@@ -258,7 +258,8 @@ def _mirror(config: KVConfig, layer: LayerSpec, dtype_bytes: int, batch: int) ->
     elif config.max_kv is not None:
         window, sinks = config.max_kv - config.sinks, config.sinks
     else:
-        return ComposedMirror(config, layer, dtype_bytes, batch, residual=config.effective_residual)
+        return ComposedMirror(config, layer, dtype_bytes, batch, sinks=config.exact_sinks,
+                              residual=config.effective_residual)
     residual = min(config.effective_residual, window // 2)
     return ComposedMirror(config, layer, dtype_bytes, batch, window, sinks, residual)
 
