@@ -429,13 +429,13 @@ def run_layers(args: argparse.Namespace) -> int:
     def render(markdown: bool) -> str:
         table = (markdown_table if markdown else text_table)(
             rows, ("layer", "kld", "top1", "bits"), ("layer", "KLD alone", "top-1", "bits"))
-        parts = [table, "", LAYERS_NOTES, "", advice]
+        after = [LAYERS_NOTES, "", advice]
         if check:
             check_table = (markdown_table if markdown else text_table)(
                 check, ("config", "kld", "kld_p99", "top1", "kv_bits_map"),
                 ("config", "KLD", "KLD p99", "top-1", "--kv-bits-map"))
-            parts += ["", f"Check on the next {len(held_out)} tokens (held out):", "", check_table]
-        return _render("mlxkv eval layers", about, "\n".join(parts[:1]), "\n".join(parts[2:]), metadata, markdown)
+            after += ["", f"Check on the next {len(held_out)} tokens (held out):", "", check_table]
+        return _render("mlxkv eval layers", about, table, "\n".join(after), metadata, markdown)
 
     _write_outputs(args, rows, metadata, render)
     if args.plot:
