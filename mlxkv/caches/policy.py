@@ -165,8 +165,17 @@ class HeavyHitters:
         if that scored less, else the token is dropped. Only each slot's final token is written."""
         if n == 0:
             return []
-        positions, slot_scores, incoming = self.positions.tolist(), self.scores.tolist(), scores.tolist()
         filled = self._filled(start)
+        if filled + n <= self.capacity:  # free slots for every token: nothing competes
+            # new arrays, never in-place: a saved state may still hold the old ones
+            end = filled + n
+            self.positions = mx.concatenate(
+                [self.positions[:filled], mx.arange(start, start + n, dtype=mx.int32), self.positions[end:]])
+            self.scores = mx.concatenate([self.scores[:filled], scores.astype(mx.float32), self.scores[end:]])
+            return [(filled, 0, n)]
+        if n == 1 and filled == self.capacity:  # a decode step: one token against the lowest slot
+            return self._place_one(start, scores[0])
+        positions, slot_scores, incoming = self.positions.tolist(), self.scores.tolist(), scores.tolist()
         heap = [(slot_scores[s], positions[s], s) for s in range(filled)]
         heapq.heapify(heap)
         written: dict[int, int] = {}  # slot -> row of the chunk
@@ -189,6 +198,19 @@ class HeavyHitters:
             else:
                 runs.append((slot, row, 1))
         return runs
+
+    def _place_one(self, position: int, score: mx.array) -> list[Run]:
+        """``placements`` for one token when every slot is taken, on the device: the heap's
+        choice (lowest score, then oldest position) without moving the slots to Python."""
+        lowest = self.scores.min()
+        oldest_lowest = mx.argmin(mx.where(self.scores == lowest, self.positions, mx.iinfo(mx.int32).max))
+        slot, wins = oldest_lowest.item(), (lowest < score).item()
+        if not wins:
+            return []
+        here = mx.arange(self.capacity) == slot  # new arrays, as above
+        self.positions = mx.where(here, position, self.positions).astype(mx.int32)
+        self.scores = mx.where(here, score.astype(mx.float32), self.scores)
+        return [(slot, 0, 1)]
 
     def observe(self, weights: mx.array) -> None:
         """Add one step's attention weights of the first ``weights.size`` slots (lazily)."""
