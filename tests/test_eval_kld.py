@@ -123,3 +123,11 @@ def test_chunk_size_matters_for_our_cache(model, tokens):
     (small,) = evaluate_kld(model, tokens, ["q4:residual=0"], chunk=4)
     assert whole["kld"] == pytest.approx(0.0, abs=1e-9)
     assert small["kld"] > 1e-6
+
+
+def test_pareto_front_keeps_only_unbeaten_configs():
+    from mlxkv.eval.plot import pareto_front
+
+    rows = [{"config": c, "bits_per_element": b, "kld": k} for c, b, k in
+            [("a", 3.0, 0.1), ("b", 3.9, 0.2), ("c", 4.4, 0.006), ("d", 4.9, 0.009), ("e", 8.8, 3e-5)]]
+    assert [r["config"] for r in pareto_front(rows)] == ["a", "c", "e"]  # b and d are beaten by a and c

@@ -8,42 +8,103 @@ from typing import Any
 
 from mlxkv.report import require_pyplot, save_figure
 
+LABEL_OFFSETS = ((6, 3), (6, -10), (-6, 3), (-6, -10), (0, 9), (0, -16), (14, 12), (14, -19), (-14, 12),
+                 (-14, -19), (24, 0), (-24, 0), (20, 22), (20, -29), (-20, 22), (-20, -29), (36, 12), (36, -12),
+                 (-36, 12), (-36, -12), (30, 34), (30, -34), (-30, 34), (-30, -34))
+"""Where a point's label may go (points from the point), tried in order until it overlaps
+neither a placed label nor a point; labels set apart get a leader line."""
+
+
+def pareto_front(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows no other row beats on both bits per element and KLD, by bits."""
+    front: list[dict[str, Any]] = []
+    for r in sorted(rows, key=lambda r: (r["bits_per_element"], r["kld"])):
+        if not front or r["kld"] < front[-1]["kld"]:
+            front.append(r)
+    return front
+
+
+def _annotate(ax: Any, label: str, x: float, y: float, dx: float, dy: float) -> Any:
+    far = abs(dx) > 10 or abs(dy) > 12
+    text = ax.annotate(label, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize="small", va="center",
+                       ha="left" if dx > 0 else "right" if dx < 0 else "center",
+                       arrowprops={"arrowstyle": "-", "lw": 0.6, "color": "0.35"} if far else None)
+    text.set_in_layout(False)  # placed after the layout; a later tight_layout must not move the points
+    return text
+
+
+def _words_box(annotation: Any, renderer: Any) -> Any:
+    """Where an annotation's text sits on the canvas, without its leader line."""
+    from matplotlib.text import Text
+
+    annotation.update_positions(renderer)
+    return Text.get_window_extent(annotation, renderer)
+
+
+def _place_labels(fig: Any, ax: Any, points: Sequence[tuple[str, float, float]]) -> None:
+    """Label each point where the text overlaps no earlier label and no point (the first
+    fit in LABEL_OFFSETS; the first offset when nothing fits)."""
+    from matplotlib.transforms import Bbox
+
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    dots = [ax.transData.transform((x, y)) for _, x, y in points]
+    taken = [Bbox.from_extents(px - 5, py - 5, px + 5, py + 5) for px, py in dots]
+    for label, x, y in points:
+        box = None
+        for dx, dy in LABEL_OFFSETS:
+            text = _annotate(ax, label, x, y, dx, dy)
+            candidate = _words_box(text, renderer)
+            inside = frame.x0 <= candidate.x0 and candidate.x1 <= frame.x1 and frame.y0 <= candidate.y0 \
+                and candidate.y1 <= frame.y1
+            if inside and not any(candidate.overlaps(other) for other in taken):
+                box = candidate
+                break
+            text.remove()
+        if box is None:
+            box = _words_box(_annotate(ax, label, x, y, *LABEL_OFFSETS[0]), renderer)
+        taken.append(box)
+
 
 def plot_kld(rows: Sequence[dict[str, Any]], path: str | os.PathLike, title: str = "") -> None:
     """One labelled point per config: KL divergence (log scale) against bits per element;
-    mlx-lm's caches as hollow squares. Configs with KLD 0 (the full-precision ones) have
-    no place on a log scale and are named in a note instead."""
+    mlx-lm's caches as hollow squares, mlxkv's best trade-offs joined by a dashed line.
+    Configs with KLD 0 (the full-precision ones) have no place on a log scale and are
+    named in a note instead."""
     plt = require_pyplot()
-    fig, ax = plt.subplots(figsize=(7.5, 5))
+    fig, ax = plt.subplots(figsize=(8.5, 5.5))
     exact = [r["config"] for r in rows if not r["kld"] > 0]
     shown = [r for r in rows if r["kld"] > 0 and r.get("bits_per_element") is not None]
-    for baseline, style in ((False, {"marker": "o", "color": "tab:blue", "label": "mlxkv"}),
-                            (True, {"marker": "s", "color": "tab:orange", "facecolors": "none",
-                                    "label": "mlx-lm QuantizedKVCache"})):
-        points = [r for r in shown if r["config"].startswith("mlxlm-") == baseline]
-        if not points:
-            continue
-        if "facecolors" in style:
-            style = {**style, "edgecolors": style.pop("color")}
-        ax.scatter([r["bits_per_element"] for r in points], [r["kld"] for r in points], s=40, **style)
-        for r in points:
-            # Configs with the same bits (q3 and k4v2) would print on top of each other.
-            twins = [o for o in shown if round(o["bits_per_element"], 1) == round(r["bits_per_element"], 1)]
-            below = len(twins) > 1 and r["kld"] == min(o["kld"] for o in twins)
-            ax.annotate(r["config"], (r["bits_per_element"], r["kld"]), textcoords="offset points",
-                        xytext=(5, -11 if below else 4), fontsize="small")
+    ours = [r for r in shown if not r["config"].startswith("mlxlm-")]
+    theirs = [r for r in shown if r["config"].startswith("mlxlm-")]
+    if ours:
+        ax.scatter([r["bits_per_element"] for r in ours], [r["kld"] for r in ours], s=40, marker="o",
+                   color="tab:blue", label="mlxkv", zorder=3)
+        front = pareto_front(ours)
+        if len(front) > 1:
+            ax.plot([r["bits_per_element"] for r in front], [r["kld"] for r in front], "--", color="tab:blue",
+                    alpha=0.5, label="mlxkv: best KLD for the bits", zorder=2)
+    if theirs:
+        ax.scatter([r["bits_per_element"] for r in theirs], [r["kld"] for r in theirs], s=40, marker="s",
+                   facecolors="none", edgecolors="tab:orange", label="mlx-lm QuantizedKVCache", zorder=3)
     if shown:
         ax.set_yscale("log")
     ax.set_xlabel("bits per element (filled cache bytes, scales and residual included)")
     ax.set_ylabel("mean KL divergence from the full-precision cache (nats)")
     ax.grid(True, which="both", alpha=0.3)
-    if any(r["config"].startswith("mlxlm-") for r in shown):
+    if theirs or len(ours) > 1:
         ax.legend(fontsize="small")
     ax.margins(x=0.12, y=0.15)
     if exact:
         title = f"{title}\n(KLD 0, not shown: {', '.join(exact)})" if title else f"KLD 0, not shown: {', '.join(exact)}"
     if title:
         ax.set_title(title, fontsize="medium")
+    fig.tight_layout()
+    fig.canvas.draw()  # fixes the axes' place and limits, so label boxes can be measured
+    # the most important labels first: the front, then by quality
+    front_labels = {r["config"] for r in pareto_front(ours)} if ours else set()
+    order = sorted(shown, key=lambda r: (r["config"] not in front_labels, r["kld"]))
+    _place_labels(fig, ax, [(r["config"], r["bits_per_element"], r["kld"]) for r in order])
     save_figure(fig, path)
 
 
