@@ -24,8 +24,8 @@ HADAMARD_BASES = (1, 12, 20, 28)
 
 DEFAULT_RESIDUAL = 32
 """Recent tokens kept in 16-bit floats beside the packed store. Measured on SmolLM2-135M
-(1,024 tokens, 16-token chunks, 4-bit g64): KL divergence 0.038 with none, 0.014 with 32,
-0.011 with 64; it costs 32 x 16 bits per channel, bounded whatever the context (QUALITY.md)."""
+(1,024 tokens, 16-token chunks, 4-bit g64, exact sinks): KL divergence 0.032 with none, 0.0093
+with 32; it costs 32 x 16 bits per channel, bounded whatever the context (QUALITY.md)."""
 
 
 @dataclass(frozen=True)
@@ -156,6 +156,8 @@ class KVConfig:
                 base += f" from token {self.quantized_kv_start}"
             if self.adaptive:
                 base += " adaptive " + " -> ".join(["fp"] + [f"{b}-bit@{t}" for t, b in self.adaptive])
+            if self.max_kv is None and self.exact_sinks != 4:  # 4 exact sinks is the default, left unsaid
+                base += f" {self.exact_sinks} exact sinks"
         if self.max_kv is not None and self.evict == "h2o":
             heavy = self.max_kv - self.sinks - self.effective_residual
             base += f", h2o {self.max_kv} = {self.sinks} sinks + {heavy} heavy hitters + {self.effective_residual} recent"
@@ -343,19 +345,20 @@ NAMED_CONFIGS: dict[str, tuple[dict[str, Any], str]] = {
     "k8v4": ({"k_bits": 8, "v_bits": 4}, "8-bit keys, 4-bit values (keys are the sensitive half)"),
     "q4-rot": ({"bits": 4, "rotate": True}, "4-bit, Hadamard-rotated keys and values"),
     "k4v3-rot": ({"k_bits": 4, "v_bits": 3, "rotate": True},
-                 "4-bit keys, 3-bit values, rotated: 4.4 bits per element at 1K tokens, KLD 0.008 (QUALITY.md)"),
+                 "4-bit keys, 3-bit values, rotated: 4.4 bits per element at 1K tokens, KLD 0.006 (QUALITY.md)"),
     "k3v2-kivi-rot": ({"k_bits": 3, "v_bits": 2, "per_channel_keys": True, "rotate": True, "residual": 0},
                       "3-bit per-channel keys, 2-bit values, rotated: 3.0 bits per element, KLD 0.066 (QUALITY.md)"),
     "q4-kivi": ({"bits": 4, "per_channel_keys": True}, "4-bit, keys per channel (KIVI), values per token"),
-    "q4-kivi-rot": ({"bits": 4, "per_channel_keys": True, "rotate": True}, "4-bit, per-channel keys, rotated"),
+    "q4-kivi-rot": ({"bits": 4, "per_channel_keys": True, "rotate": True},
+                    "4-bit, per-channel keys, rotated (what --kv-bits 4 uses): KLD 0.0015 (QUALITY.md)"),
     "mxfp4": ({"mode": "mxfp4"}, "MLX microscaling fp4 (e2m1, 8-bit shared exponent per 32)"),
     "nvfp4": ({"mode": "nvfp4"}, "NVIDIA-style fp4 (8-bit fp8 scale per 16)"),
     "mxfp8": ({"mode": "mxfp8"}, "MLX microscaling fp8 (e4m3, 8-bit shared exponent per 32)"),
     "mxfp4-rot": ({"mode": "mxfp4", "rotate": True}, "mxfp4 with Hadamard rotation"),
     "adaptive": ({"adaptive": ((1024, 8), (4096, 4))}, "full precision to 1K tokens, 8-bit to 4K, then 4-bit"),
     "k4v2": ({"k_bits": 4, "v_bits": 2}, "4-bit keys, 2-bit values"),
-    "q8-nores": ({"bits": 8, "residual": 0}, "8-bit, every token packed (no residual window)"),
-    "q4-nores": ({"bits": 4, "residual": 0}, "4-bit, every token packed (no residual window)"),
+    "q8-nores": ({"bits": 8, "residual": 0}, "8-bit, every token but the sinks packed (no residual window)"),
+    "q4-nores": ({"bits": 4, "residual": 0}, "4-bit, every token but the sinks packed (no residual window)"),
     "mlxlm-fp16": ({"backend": "mlx-lm"}, "baseline: mlx-lm's KVCache"),
     "mlxlm-q8": ({"backend": "mlx-lm", "bits": 8}, "baseline: mlx-lm's QuantizedKVCache, 8-bit g64"),
     "mlxlm-q4": ({"backend": "mlx-lm", "bits": 4}, "baseline: mlx-lm's QuantizedKVCache, 4-bit g64"),
