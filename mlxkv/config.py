@@ -42,7 +42,8 @@ class KVConfig:
         evicted from a window, and kept exact (16-bit) by every quantized cache.
     quantized_kv_start: stay full precision until the cache holds this many tokens.
     residual: the most recent tokens kept in 16-bit beside the packed store (quantized
-        configs only), flushed into the packed store as newer tokens arrive.
+        configs only), flushed into the packed store as newer tokens arrive. None (unset):
+        DEFAULT_RESIDUAL (32), or with evict="h2o" half the budget the sinks leave.
     per_channel_keys: quantize keys per channel over groups of ``group_size`` tokens (KIVI)
         instead of per token; the residual tier also holds the incomplete group.
     rotate: an orthonormal Hadamard rotation of keys and queries (scores unchanged) and of
@@ -58,8 +59,8 @@ class KVConfig:
     backend: "mlxkv" (ours) or "mlx-lm" (mlx-lm's own caches, as a baseline).
     evict: what a ``max_kv`` budget keeps. "window": the sinks plus the most recent tokens
         (StreamingLLM). "h2o": the sinks, the newest ``residual`` tokens (16-bit, even for
-        full-precision configs) and the older tokens with the highest accumulated attention
-        (heavy hitters, H2O), ``max_kv`` tokens in all.
+        full-precision configs; by default half the budget) and the older tokens with the
+        highest accumulated attention (heavy hitters, H2O), ``max_kv`` tokens in all.
     """
 
     bits: int | None = None
@@ -69,7 +70,7 @@ class KVConfig:
     max_kv: int | None = None
     sinks: int = 4
     quantized_kv_start: int = 0
-    residual: int = DEFAULT_RESIDUAL
+    residual: int | None = None
     per_channel_keys: bool = False
     rotate: bool = False
     mode: str = "affine"
@@ -128,8 +129,16 @@ class KVConfig:
 
     @property
     def effective_residual(self) -> int:
-        """The residual only exists next to a packed store, or as the recent window H2O protects."""
-        return self.residual if ((self.quantized or self.evict == "h2o") and self.backend == "mlxkv") else 0
+        """The residual only exists next to a packed store, or as the recent window H2O protects.
+        Unset (None), it is DEFAULT_RESIDUAL, or for H2O half of what the sinks leave of the
+        budget: with 32 recent tokens H2O loses to a plain window, with half it wins (QUALITY.md)."""
+        if not ((self.quantized or self.evict == "h2o") and self.backend == "mlxkv"):
+            return 0
+        if self.residual is not None:
+            return self.residual
+        if self.evict == "h2o" and self.max_kv is not None:
+            return max(1, (self.max_kv - self.sinks) // 2)
+        return DEFAULT_RESIDUAL
 
     def replace(self, **changes: Any) -> "KVConfig":
         return dataclasses.replace(self, **changes)
@@ -198,7 +207,7 @@ class KVConfig:
                 f"{', '.join(map(str, SUPPORTED_GROUP_SIZES))}"
             )
         for name in ("sinks", "quantized_kv_start", "residual"):
-            if getattr(self, name) < 0:
+            if (getattr(self, name) or 0) < 0:
                 raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.evict not in EVICTIONS:
             raise UserError(f"unknown eviction {self.evict!r}; use one of {', '.join(EVICTIONS)}")
@@ -214,7 +223,7 @@ class KVConfig:
                 )
             if self.effective_residual >= self.max_kv - self.sinks:
                 raise UserError(
-                    f"residual={self.residual} must be smaller than the window's recent part "
+                    f"residual={self.effective_residual} must be smaller than the window's recent part "
                     f"(max_kv - sinks = {self.max_kv - self.sinks}); raise max_kv or lower residual"
                 )
         if self.per_channel_keys and self.key_bits is None:
@@ -237,12 +246,13 @@ class KVConfig:
             raise UserError("mlx-lm's caches cannot evict heavy hitters; use an mlxkv config for evict=h2o")
         if self.max_kv is None:
             raise UserError("evict=h2o needs a token budget: set max_kv (--max-kv)")
-        if self.residual < 1:
+        residual = self.effective_residual
+        if residual < 1:
             raise UserError("evict=h2o protects the newest `residual` tokens and scores tokens there; set residual >= 1")
-        if self.max_kv - self.sinks - self.residual < 1:
+        if self.max_kv - self.sinks - residual < 1:
             raise UserError(
                 f"evict=h2o needs room for heavy hitters: max_kv={self.max_kv} must exceed sinks + residual "
-                f"({self.sinks} + {self.residual}); raise max_kv or lower sinks or residual"
+                f"({self.sinks} + {residual}); raise max_kv or lower sinks or residual"
             )
         if self.per_channel_keys:
             raise UserError("evict=h2o places single tokens, per-channel keys are written in groups of tokens; "

@@ -29,13 +29,14 @@ def model():
     ("q4-rot", "q4"),
     ("mxfp4-rot", "mxfp4"),                        # the same format, not affine 4-bit
     ("k3v2-kivi-rot", "q3:v_bits=2:residual=0"),   # the same residual (none)
-    ("q4:max_kv=256:evict=h2o", "q4:max_kv=256"),  # the window with the same budget
+    ("q4:max_kv=256:evict=h2o:residual=32", "q4:max_kv=256"),  # the window with the same budget and tiers
+    ("q4:max_kv=256:evict=h2o", "q4:max_kv=256:residual=126"),  # h2o's default recent part: half the budget
     ("q4", None),                                  # plain itself
     ("mlxlm-q4", None),
 ])
 def test_each_scheme_is_compared_with_its_plain_storage(scheme, plain):
     candidates = resolve_configs(["q4", "q4:v_bits=3", "q3", "q3:v_bits=2", "q3:v_bits=2:residual=0", "mxfp4",
-                                  "q4:max_kv=256", "q4:max_kv=512", "mlxlm-q4"])
+                                  "q4:max_kv=256", "q4:max_kv=256:residual=126", "q4:max_kv=512", "mlxlm-q4"])
     assert plain_counterpart(parse_config_spec(scheme), candidates) == plain
 
 

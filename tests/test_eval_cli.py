@@ -125,8 +125,9 @@ def test_parse_config_spec_overrides_named_configs():
     assert parse_config_spec("k8v4:group_size=32:residual=0").group_size == 32
     assert parse_config_spec("fp16:max_kv=64").max_kv == 64
     assert parse_config_spec("q4:max_kv=none").max_kv is None
+    assert parse_config_spec("q4:residual=none").effective_residual == 32  # none: the default
     with pytest.raises(UserError, match="cannot be none"):
-        parse_config_spec("q4:residual=none")
+        parse_config_spec("q4:sinks=none")
     with pytest.raises(UserError, match="whole number"):
         parse_config_spec("q4:residual=x")
 

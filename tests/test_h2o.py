@@ -240,10 +240,12 @@ def test_bad_h2o_budgets_are_one_line_errors(kwargs, message):
 
 
 def test_h2o_from_specs_and_flags():
-    cfg = parse_config_spec("q8:max_kv=256:evict=h2o")
-    assert (cfg.bits, cfg.max_kv, cfg.evict, cfg.effective_residual) == (8, 256, "h2o", 32)
-    assert "h2o 256 = 4 sinks + 220 heavy hitters + 32 recent" in cfg.describe()
-    assert KVConfig(max_kv=64, evict="h2o").effective_residual == 32  # full precision too
+    cfg = parse_config_spec("q8:max_kv=256:evict=h2o")  # by default half of what the sinks leave is recent
+    assert (cfg.bits, cfg.max_kv, cfg.evict, cfg.effective_residual) == (8, 256, "h2o", 126)
+    assert "h2o 256 = 4 sinks + 126 heavy hitters + 126 recent" in cfg.describe()
+    assert parse_config_spec("q8:max_kv=256:evict=h2o:residual=32").effective_residual == 32
+    assert KVConfig(max_kv=64, evict="h2o").effective_residual == 30  # full precision too
+    assert KVConfig(bits=4).effective_residual == 32 and KVConfig().effective_residual == 0
     from mlxkv.cli.generate import add_kv_arguments, kv_config_from_args
 
     parser = argparse.ArgumentParser()

@@ -26,15 +26,18 @@ def add_kv_arguments(parser: argparse.ArgumentParser) -> None:
     kv.add_argument("--v-bits", type=int, metavar="BITS", help="bits for values only")
     kv.add_argument("--max-kv", "--max-kv-size", dest="max_kv", type=int, metavar="TOKENS",
                     help="bound the cache to a window of this many tokens: the first --sinks tokens plus the most recent ones")
-    kv.add_argument("--sinks", type=int, metavar="N", help="tokens kept at the start of a --max-kv window (default 4)")
+    kv.add_argument("--sinks", type=int, metavar="N",
+                    help="first tokens (attention sinks) a --max-kv window never evicts and a quantized cache keeps "
+                         "in 16-bit (default 4)")
     kv.add_argument("--kv-evict", choices=EVICTIONS,
                     help="what a --max-kv budget keeps: 'window' (default) the sinks plus the most recent tokens; "
-                         "'h2o' the sinks, the newest --kv-residual tokens and the older tokens that received the "
-                         "most attention (heavy hitters), --max-kv tokens in all")
+                         "'h2o' the sinks, the newest --kv-residual tokens (default: half the budget) and the older "
+                         "tokens that received the most attention (heavy hitters), --max-kv tokens in all")
     kv.add_argument("--quantized-kv-start", type=int, metavar="TOKENS",
                     help="keep full precision until the cache holds this many tokens (default 0)")
     kv.add_argument("--kv-residual", type=int, metavar="TOKENS",
-                    help="newest tokens kept in 16-bit beside the packed cache (default 32)")
+                    help="newest tokens kept in 16-bit beside the packed cache (default 32; with --kv-evict h2o, "
+                         "half of --max-kv)")
     kv.add_argument("--kv-mode", choices=MODES, help="affine (default) or one of MLX's microscaling formats")
     kv.add_argument("--kv-rotate", action=argparse.BooleanOptionalAction, default=None,
                     help="Hadamard-rotate keys/queries and values before quantizing (spreads outliers); on by default "

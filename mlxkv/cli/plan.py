@@ -54,7 +54,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sinks", type=int, metavar="N", help="tokens a --max-kv window keeps at the start (default 4)")
     p.add_argument("--kv-group-size", type=int, metavar="N", help="elements per scale/bias group: 32, 64 or 128 (default 64)")
     p.add_argument("--kv-residual", type=int, metavar="TOKENS",
-                   help="newest tokens kept in 16-bit beside a quantized cache (default 32)")
+                   help="newest tokens kept in 16-bit beside a quantized cache (default 32; with h2o, half of --max-kv)")
     p.add_argument("--json", nargs="?", const="-", metavar="FILE",
                    help="write the plan as JSON to FILE (or to stdout without FILE) instead of the table")
     p.set_defaults(run=run)
