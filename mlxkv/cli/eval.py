@@ -215,7 +215,9 @@ def _render(title: str, about: Sequence[str], table: str, notes: str, metadata: 
     ])
 
 
-def _write_outputs(args: argparse.Namespace, rows, metadata, render: Callable[[bool], str]) -> None:
+def _write_outputs(args: argparse.Namespace, rows, metadata, render: Callable[[bool], str],
+                   plot: Callable[[str], None] | None = None) -> None:
+    """Print the table; write --json, --markdown and (with ``plot``) --plot; name the files."""
     from mlxkv.report import write_json, write_text
 
     print(render(False))
@@ -223,6 +225,10 @@ def _write_outputs(args: argparse.Namespace, rows, metadata, render: Callable[[b
         write_json(args.json, rows, metadata)
     if args.markdown:
         write_text(args.markdown, render(True), "--markdown")
+    plot_path = getattr(args, "plot", None)
+    if plot is not None and plot_path:
+        plot(plot_path)
+    _wrote(args.json, args.markdown, plot_path if plot is not None else None)
 
 
 def _wrote(*paths: str | None) -> None:
@@ -268,13 +274,13 @@ def run_kld(args: argparse.Namespace) -> int:
         table = (markdown_table if markdown else text_table)(shown, columns, headers)
         return _render("mlxkv eval kld", about, table, KLD_NOTES, metadata, markdown)
 
-    _write_outputs(args, rows, metadata, render)
-    if args.plot:
+    def plot(path: str) -> None:
         from mlxkv.eval.plot import plot_kld
 
-        plot_kld(rows, args.plot, title=f"{os.path.basename(model_name)}, chunks of {args.chunk}\n"
+        plot_kld(rows, path, title=f"{os.path.basename(model_name)}, chunks of {args.chunk}\n"
                  f"{len(tokens)} tokens of {corpus.name.split(' (')[0]}")
-    _wrote(args.json, args.markdown, args.plot)
+
+    _write_outputs(args, rows, metadata, render, plot)
     return 0
 
 
@@ -335,7 +341,6 @@ def run_passkey(args: argparse.Namespace) -> int:
         return _render("mlxkv eval passkey", about, table, PASSKEY_NOTES, metadata, markdown)
 
     _write_outputs(args, rows, metadata, render)
-    _wrote(args.json, args.markdown)
     return 0
 
 
@@ -437,11 +442,11 @@ def run_layers(args: argparse.Namespace) -> int:
             after += ["", f"Check on the next {len(held_out)} tokens (held out):", "", check_table]
         return _render("mlxkv eval layers", about, table, "\n".join(after), metadata, markdown)
 
-    _write_outputs(args, rows, metadata, render)
-    if args.plot:
+    def plot(path: str) -> None:
         from mlxkv.eval.plot import plot_layers
 
-        plot_layers(rows, args.plot, title=f"{os.path.basename(model_name)}: {base.label} on one layer at a time, "
+        plot_layers(rows, path, title=f"{os.path.basename(model_name)}: {base.label} on one layer at a time, "
                     f"{len(calibration)} tokens")
-    _wrote(args.json, args.markdown, args.plot)
+
+    _write_outputs(args, rows, metadata, render, plot)
     return 0
