@@ -243,7 +243,8 @@ def prepare_cache(model, config: KVConfig, tokens: list[int], prompt_cache: str 
         note(f"reused {len(tokens) - len(to_feed)} cached prompt tokens from {saved.path}")
     if config.max_kv is not None and len(tokens) > config.max_kv:
         note(f"the prompt ({len(tokens)} tokens) is longer than the window ({config.max_kv}); the model "
-             f"sees its first {config.sinks} and last {config.max_kv - config.sinks} tokens")
+             f"sees its first {config.sinks} and last {config.max_kv - config.sinks} tokens (raise --sinks to "
+             "keep all of a system message or instructions: QUALITY.md, H2O against the window)")
     note(f"KV cache: {config.describe()}")
     if saved is not None and not saved.path.exists():
         # All but the prompt's last token, which generation needs to start from.
