@@ -22,6 +22,9 @@ EVICTIONS = ("window", "h2o")
 HADAMARD_BASES = (1, 12, 20, 28)
 """mx.hadamard_transform sizes: m * 2^k for these m."""
 
+DEFAULT_SINKS = 4
+"""First tokens (attention sinks) a window never evicts and a quantized cache keeps in 16-bit."""
+
 DEFAULT_RESIDUAL = 32
 """Recent tokens kept in 16-bit floats beside the packed store. Measured on SmolLM2-135M
 (1,024 tokens, 16-token chunks, 4-bit g64, exact sinks): KL divergence 0.032 with none, 0.0093
@@ -68,7 +71,7 @@ class KVConfig:
     k_bits: int | None = None
     v_bits: int | None = None
     max_kv: int | None = None
-    sinks: int = 4
+    sinks: int = DEFAULT_SINKS
     quantized_kv_start: int = 0
     residual: int | None = None
     per_channel_keys: bool = False
@@ -165,7 +168,7 @@ class KVConfig:
                 base += f" from token {self.quantized_kv_start}"
             if self.adaptive:
                 base += " adaptive " + " -> ".join(["fp"] + [f"{b}-bit@{t}" for t, b in self.adaptive])
-            if self.max_kv is None and self.exact_sinks != 4:  # 4 exact sinks is the default, left unsaid
+            if self.max_kv is None and self.exact_sinks != DEFAULT_SINKS:  # the default is left unsaid
                 base += f" {self.exact_sinks} exact sinks"
         if self.max_kv is not None and self.evict == "h2o":
             heavy = self.max_kv - self.sinks - self.effective_residual

@@ -21,10 +21,9 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlxkv.caches.factory import model_head_dim
 from mlxkv.config import KVConfig
 from mlxkv.errors import UserError
-from mlxkv.eval.configs import CacheSpec, filled_bytes, parse_specs
+from mlxkv.eval.configs import CacheSpec, filled_totals, kv_elements_per_token, parse_specs
 from mlxkv.memory.tracker import layer_kv_bytes, model_weights_bytes
 from mlxkv.stepping import prefill
 
@@ -91,14 +90,11 @@ def kv_sizes(model: nn.Module, cache: Sequence[Any]) -> dict[str, int]:
     """The cache's bytes three ways: allocated (mlx-lm's caches and ours grow in steps of
     256 tokens), filled (the tokens held, no slack), and what those tokens would take in a
     16-bit cache (2 bytes per element): the yardstick whatever dtype the device computes in."""
-    args = getattr(model, "args", None)
-    heads = getattr(args, "num_key_value_heads", None) or getattr(args, "num_attention_heads", None)
-    per_token = 2 * int(heads or 0) * (model_head_dim(model) or 0)
-    filled = [f for f in (filled_bytes(c) for c in cache) if f is not None]
+    size, held = filled_totals(cache)
     return {
         "kv_bytes": sum(layer_kv_bytes(cache)),
-        "kv_filled_bytes": sum(size for size, _ in filled),
-        "kv_fp16_bytes": FP16_BYTES * per_token * sum(held for _, held in filled),
+        "kv_filled_bytes": size,
+        "kv_fp16_bytes": FP16_BYTES * kv_elements_per_token(model) * held,
     }
 
 

@@ -256,8 +256,25 @@ class ComposedCache:
 
     @property
     def nbytes(self) -> int:
+        """Bytes allocated: the stores' whole buffers and the 16-bit tiers."""
+        return self.key_store.nbytes + self.value_store.nbytes + self._tier_nbytes
+
+    @property
+    def filled_nbytes(self) -> int:
+        """Bytes of the tokens held: the stores' filled slots (no growth slack) and the tiers."""
+        stored = sum(p.nbytes for store in (self.key_store, self.value_store) for p in self._filled_parts(store))
+        return stored + self._tier_nbytes
+
+    @property
+    def _tier_nbytes(self) -> int:
         tiers = (self.recent_keys, self.recent_values, self.sink_keys, self.sink_values)
-        return self.key_store.nbytes + self.value_store.nbytes + sum(t.nbytes for t in tiers if t is not None)
+        return sum(t.nbytes for t in tiers if t is not None)
+
+    def _filled_parts(self, store: TensorStore) -> list[mx.array]:
+        """The packed parts of the store's filled slots: positions flushed past the sinks
+        (at most the store's room, for a ring)."""
+        slots = min(max(self.flushed - self.policy.sinks, 0), store.capacity)
+        return list(store.read(slots)) if slots and store.parts is not None else []
 
     def is_trimmable(self) -> bool:
         return self.policy.can_trim(self.flushed)
@@ -307,11 +324,10 @@ class ComposedCache:
     @property
     def state(self) -> dict[str, Any]:
         """Arrays of the filled slots only (a saved file holds no growth padding)."""
-        filled = min(max(self.flushed - self.policy.sinks, 0), self.key_store.capacity)
         return {
             "meta": self.meta_state,
-            "keys": list(self.key_store.read(filled)) if filled else [],
-            "values": list(self.value_store.read(filled)) if filled else [],
+            "keys": self._filled_parts(self.key_store),
+            "values": self._filled_parts(self.value_store),
             "recent_keys": self.recent_keys,
             "recent_values": self.recent_values,
             "sink_keys": self.sink_keys,

@@ -72,14 +72,7 @@ def filled_bytes(layer_cache: Any) -> tuple[int, int] | None:
     residual tier for the tokens it keeps, without the slack of buffers grown in steps of
     256 tokens. None for caches that are not KV caches (recurrent state)."""
     if isinstance(layer_cache, ComposedCache):
-        c = layer_cache
-        tiers = sum(t.nbytes for t in (c.recent_keys, c.recent_values, c.sink_keys, c.sink_values) if t is not None)
-        stored = 0
-        for store in (c.key_store, c.value_store):
-            slots = min(max(c.flushed - c.policy.sinks, 0), store.capacity)
-            if store.parts is not None and slots:
-                stored += sum(p.nbytes for p in store.read(slots))  # any layout: the filled slots only
-        return stored + tiers, c.size()
+        return layer_cache.filled_nbytes, layer_cache.size()
     if not hasattr(layer_cache, "keys") or not hasattr(layer_cache, "offset"):
         return None
     arrays = _flat(layer_cache.keys) + _flat(layer_cache.values)
@@ -89,15 +82,26 @@ def filled_bytes(layer_cache: Any) -> tuple[int, int] | None:
     return sum(a.nbytes // a.shape[2] for a in arrays) * slots, slots
 
 
+def kv_elements_per_token(model: nn.Module) -> int:
+    """Key and value elements one token takes in one attention layer: 2 x kv_heads x
+    head_dim (0 when the model hides its shape)."""
+    args = getattr(model, "args", None)
+    heads = getattr(args, "num_key_value_heads", None) or getattr(args, "num_attention_heads", None)
+    return 2 * int(heads or 0) * (model_head_dim(model) or 0)
+
+
+def filled_totals(cache: Sequence[Any]) -> tuple[int, int]:
+    """(bytes, tokens) held, summed over the KV caches of a model (see ``filled_bytes``)."""
+    filled = [f for f in (filled_bytes(c) for c in cache) if f is not None]
+    return sum(size for size, _ in filled), sum(held for _, held in filled)
+
+
 def bits_per_element(model: nn.Module, cache: Sequence[Any]) -> float | None:
     """Bits the cache spends per key/value element it holds: all filled bytes over
     2 x kv_heads x head_dim x tokens held, summed over attention layers. None when the
     model hides its shape or the cache is empty."""
-    args = getattr(model, "args", None)
-    heads = getattr(args, "num_key_value_heads", None) or getattr(args, "num_attention_heads", None)
-    head_dim = model_head_dim(model)
-    filled = [f for f in (filled_bytes(c) for c in cache) if f is not None]
-    elements = sum(2 * int(heads or 0) * (head_dim or 0) * held for _, held in filled)
+    size, held = filled_totals(cache)
+    elements = kv_elements_per_token(model) * held
     if not elements:
         return None
-    return 8 * sum(size for size, _ in filled) / elements
+    return 8 * size / elements
