@@ -24,6 +24,7 @@ import mlx.nn as nn
 
 from mlxkv.attention.hook import scaled_dot_product_attention
 from mlxkv.bench.runner import add_ratios, paired_ratio, resolve_configs
+from mlxkv.caches.factory import model_head_dim
 from mlxkv.config import KVConfig
 from mlxkv.errors import UserError
 from mlxkv.eval.configs import CacheSpec, bits_per_element
@@ -64,11 +65,9 @@ def plain_counterpart(config: KVConfig, candidates: Sequence[CacheSpec]) -> str 
 
 
 def _shape(model: nn.Module) -> tuple[int, int, int]:
-    args = model.args
-    heads = args.num_attention_heads
-    kv_heads = getattr(args, "num_key_value_heads", None) or heads
-    head_dim = getattr(args, "head_dim", None) or args.hidden_size // heads
-    return heads, kv_heads, head_dim
+    """(query heads, KV heads, head dim) of the model's attention."""
+    heads = model.args.num_attention_heads
+    return heads, getattr(model.args, "num_key_value_heads", None) or heads, model_head_dim(model)
 
 
 def fill(model: nn.Module, spec: CacheSpec, context: int, chunk: int = DEFAULT_FILL_CHUNK, seed: int = 0) -> list[Any]:
