@@ -15,7 +15,8 @@ import sys
 
 import mlxkv  # noqa: F401  (first: picks the BLAS before MLX loads)
 from mlxkv.bench.attention import DEFAULT_ATTENTION_CONFIGS, DEFAULT_FILL_CHUNK, attention_runs_count, measure_attention
-from mlxkv.cli.bench import _int_list, _name_list
+from mlxkv.cli.common import token_list_arg
+from mlxkv.config import split_specs
 from mlxkv.errors import UserError
 from mlxkv.loading.tiny import SMOLLM2_ATTENTION, tiny_model
 from mlxkv.report import check_output_path, markdown_table, progress, run_metadata, text_table, write_json, write_text
@@ -45,9 +46,9 @@ cache bytes per key/value element held; full precision is float32 on a CPU."""
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--contexts", type=_int_list, default=[4096], metavar="N,N,...",
+    parser.add_argument("--contexts", type=token_list_arg, default=[4096], metavar="N,N,...",
                         help="tokens in the cache before the timed steps (default 4096)")
-    parser.add_argument("--configs", type=_name_list, default=list(DEFAULT_ATTENTION_CONFIGS), metavar="SPEC,...",
+    parser.add_argument("--configs", type=split_specs, default=list(DEFAULT_ATTENTION_CONFIGS), metavar="SPEC,...",
                         help=f"KV configs (default {','.join(DEFAULT_ATTENTION_CONFIGS)})")
     parser.add_argument("--layers", type=int, default=30,
                         help="attention layers per step (default 30, as SmolLM2-135M)")

@@ -17,7 +17,7 @@ import mlx.core as mx
 from mlx_lm import stream_generate
 
 from mlxkv.memory import MemoryTracker, layout_from_model, model_weights_bytes, predict_kv_bytes
-from mlxkv.memory.units import format_bytes
+from mlxkv.units import format_bytes
 from mlxkv.report import markdown_table, progress, run_metadata, write_json
 
 MB = 1024**2

@@ -12,7 +12,7 @@ import pytest
 
 from mlxkv.bench.attention import fill, measure_attention, plain_counterpart
 from mlxkv.bench.runner import resolve_configs
-from mlxkv.config import parse_config_spec
+from mlxkv.config import parse_spec
 from mlxkv.loading.tiny import tiny_model
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "attention_bench.py"
@@ -37,7 +37,7 @@ def model():
 def test_each_scheme_is_compared_with_its_plain_storage(scheme, plain):
     candidates = resolve_configs(["q4", "q4:v_bits=3", "q3", "q3:v_bits=2", "q3:v_bits=2:residual=0", "mxfp4",
                                   "q4:max_kv=256", "q4:max_kv=256:residual=126", "q4:max_kv=512", "mlxlm-q4"])
-    assert plain_counterpart(parse_config_spec(scheme), candidates) == plain
+    assert plain_counterpart(parse_spec(scheme), candidates) == plain
 
 
 @pytest.mark.parametrize("spec, held", [("mlxlm-fp16", 300), ("q4", 300), ("q4-kivi-rot", 300),

@@ -56,7 +56,7 @@ def run_against_reference(cache, cfg, chunks, n_q_heads, n_kv_heads, head_dim, v
     all_k, all_v = [], []
     offset = flushed = 0
     per_channel = cfg.per_channel_keys
-    unit = cfg.group_size if per_channel else 1
+    unit = cfg.precision.group if per_channel else 1
     for step, n in enumerate(chunks):
         k1, k2, k3, key = mx.random.split(key, 4)
         k = f16_exact((1, n_kv_heads, n, head_dim), k1)
@@ -81,8 +81,8 @@ def run_against_reference(cache, cfg, chunks, n_q_heads, n_kv_heads, head_dim, v
                     axis=2,
                 )
             else:
-                packed_k = fake_quant(keys[..., sinks:flushed, :], cfg.key_bits, cfg.group_size, cfg.mode)
-            packed_v = fake_quant(values[..., sinks:flushed, :], cfg.value_bits, cfg.group_size, cfg.mode)
+                packed_k = fake_quant(keys[..., sinks:flushed, :], cfg.key_bits, cfg.precision.group, cfg.mode)
+            packed_v = fake_quant(values[..., sinks:flushed, :], cfg.value_bits, cfg.precision.group, cfg.mode)
             keys = mx.concatenate([keys[..., :sinks, :], packed_k, keys[..., flushed:, :]], axis=2)
             values = mx.concatenate([values[..., :sinks, :], packed_v, values[..., flushed:, :]], axis=2)
         k_pos = mx.arange(offset + n)
@@ -123,7 +123,7 @@ def test_unbounded_cache_matches_reference(bits, group_size, heads):
     run_against_reference(cache, cfg, chunks, n_q, n_kv, head_dim, causal, cache.residual, exact_sinks(cfg))
 
 
-@pytest.mark.parametrize("k_bits,v_bits", [(8, 4), (4, 2), (0, 4), (4, 0)])
+@pytest.mark.parametrize("k_bits,v_bits", [(8, 4), (4, 2), (16, 4), (4, 16)])
 def test_keys_and_values_with_their_own_bits(k_bits, v_bits):
     cfg = KVConfig(k_bits=k_bits, v_bits=v_bits, residual=4)
     cache = QuantizedCache(cfg)
@@ -284,6 +284,6 @@ def test_rotation_rejects_head_dims_hadamard_cannot_do():
 def test_microscaling_fixes_bits_and_group_size():
     from mlxkv.errors import UserError
 
-    assert (KVConfig(mode="nvfp4").bits, KVConfig(mode="nvfp4").group_size) == (4, 16)
+    assert (KVConfig(mode="nvfp4").key_bits, KVConfig(mode="nvfp4").precision.group) == (4, 16)
     with pytest.raises(UserError, match="mxfp4 is 4-bit"):
         KVConfig(mode="mxfp4", bits=8)

@@ -42,20 +42,36 @@ def test_design_card_command_answers_with_a_4bit_window():
 
 @pytest.mark.real_model
 @real_model
-def test_prompt_cache_is_saved_then_reused(tmp_path):
+def test_prompt_cache_reuses_the_longest_common_prefix(tmp_path):
+    import re
+
     path = tmp_path / "prefix.safetensors"
-    args = ["generate", "--kv-bits", "8", "--max-tokens", "8", "--prompt-cache", str(path),
-            "--prompt", "What is the capital of France?"]
-    first = mlxkv(*args)
-    assert first.returncode == 0, first.stderr
-    assert path.exists() and "saved the prompt's cache" in first.stderr
-    second = mlxkv(*args)
-    assert second.returncode == 0, second.stderr
-    assert "reused" in second.stderr
-    assert second.stdout == first.stdout  # greedy: the same answer from the restored cache
-    other = mlxkv("generate", "--kv-bits", "4", "--max-tokens", "4", "--prompt-cache", str(path),
-                  "--prompt", "What is the capital of France?")
-    assert other.returncode == 2 and "pass the same KV flags" in other.stderr
+    system = ["--system", "You are a terse geography tutor. Answer with one short sentence."]
+
+    def run(question: str, *extra: str):
+        out = mlxkv("generate", "--kv-bits", "8", "--max-tokens", "8", "--prompt", question, *system, *extra)
+        assert out.returncode == 0, out.stderr
+        return out
+
+    first = run("What is the capital of France?", "--prompt-cache", str(path))
+    assert path.exists()
+    saved = re.search(r"reused (\d+) of (\d+) prompt tokens, saved (\d+)", first.stderr)
+    assert saved and saved.group(1) == "0" and saved.group(2) == saved.group(3)
+    n_prompt = int(saved.group(2))
+    assert f"prompt: {n_prompt} tokens," in first.stderr  # counts what it prefilled
+
+    again = run("What is the capital of France?", "--prompt-cache", str(path))
+    assert f"reused {n_prompt - 1} of {n_prompt}" in again.stderr  # all but the token generation starts from
+    assert again.stdout == first.stdout  # greedy: the same answer from the restored cache
+
+    # the same system message, another question: the shared prefix is reused, the rest prefilled
+    other = run("What is the capital of Italy?", "--prompt-cache", str(path))
+    reused = int(re.search(r"reused (\d+) of", other.stderr).group(1))
+    assert 20 < reused < n_prompt
+    assert other.stdout == run("What is the capital of Italy?").stdout  # as without any cache
+
+    mismatch = mlxkv("generate", "--kv-bits", "4", "--max-tokens", "4", "--prompt-cache", str(path))
+    assert mismatch.returncode == 2 and "pass the same KV flags" in mismatch.stderr
 
 
 @pytest.mark.parametrize(
@@ -120,7 +136,7 @@ def test_auto_bits_memory_report_and_plot(tmp_path):
     out = mlxkv("generate", "--kv-bits", "auto", "--memory", "2GB", "--max-tokens", "6",
                 "--memory-report", str(report), "--memory-plot", str(plot))
     assert out.returncode == 0, out.stderr
-    assert "--kv-bits auto:" in out.stderr and "x of fp16" in out.stderr
+    assert "--kv-bits auto:" in out.stderr and "x of a 16-bit cache of the same tokens" in out.stderr
     rows = json.loads(report.read_text())["rows"]
     assert len(rows) >= 6 and rows[-1]["kv_bytes"] > 0 and rows[-1]["tokens"] > rows[1]["tokens"]
     assert plot.read_bytes()[:4] == b"\x89PNG"

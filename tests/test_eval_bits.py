@@ -4,7 +4,7 @@ import mlx.core as mx
 import pytest
 
 import mlxkv
-from mlxkv.eval.configs import bits_per_element
+from mlxkv.memory.held import bits_per_element
 from mlxkv.loading.tiny import tiny_model
 from mlxkv.stepping import forward_chunks
 

@@ -10,7 +10,7 @@ import pytest
 import mlxkv
 from mlxkv.cli.eval import passkey_table_rows
 from mlxkv.cli.main import main
-from mlxkv.config import parse_config_spec
+from mlxkv.config import parse_spec
 from mlxkv.errors import UserError
 from mlxkv.eval.corpus import bundled_corpus, corpus_tokens
 from mlxkv.loading.tiny import tiny_model
@@ -87,7 +87,6 @@ def test_kld_reads_a_user_text(tiny_cli, tmp_path, capsys):
     (["layers", "--base", "q4", "--high-bits", "3"], "is not above the base's 4 bits"),
     (["layers", "--high-bits", "7"], "--high-bits 7 is not supported"),
     (["layers", "--base", "q3", "--budget", "3"], "below 3-bit's 3.50"),
-    (["layers", "--check-tokens", "-1"], "--check-tokens at least 0"),
     (["layers", "--plot", "/nonexistent/dir/l.png"], "does not exist"),
 ])
 def test_bad_input_is_one_line_before_loading(no_model, capsys, argv, message):
@@ -102,6 +101,9 @@ def test_unreadable_lists_are_argparse_errors(capsys):
         main(["eval", "passkey", "--lengths", "512,abc"])
     assert e.value.code == 2
     assert "cannot read" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "layers", "--check-tokens", "-1"])
+    assert e.value.code == 2 and "--check-tokens" in capsys.readouterr().err
 
 
 def test_too_many_tokens_for_the_text(tiny_cli, capsys):
@@ -120,16 +122,16 @@ def test_bundled_corpus_is_long_english_prose():
         corpus_tokens(ByteTokenizer(), corpus, 1)
 
 
-def test_parse_config_spec_overrides_named_configs():
-    assert parse_config_spec("q4:residual=64") == parse_config_spec("q4").replace(residual=64)
-    assert parse_config_spec("k8v4:group_size=32:residual=0").group_size == 32
-    assert parse_config_spec("fp16:max_kv=64").max_kv == 64
-    assert parse_config_spec("q4:max_kv=none").max_kv is None
-    assert parse_config_spec("q4:residual=none").effective_residual == 32  # none: the default
-    with pytest.raises(UserError, match="cannot be none"):
-        parse_config_spec("q4:sinks=none")
-    with pytest.raises(UserError, match="whole number"):
-        parse_config_spec("q4:residual=x")
+def test_parse_spec_overrides_named_configs():
+    assert parse_spec("q4:residual=64") == parse_spec("q4").replace(residual=64)
+    assert parse_spec("k8v4:group_size=32:residual=0").group_size == 32
+    assert parse_spec("fp16:max_kv=64").max_kv == 64
+    assert parse_spec("q4:max_kv=none").max_kv is None
+    assert parse_spec("q4:residual=none").effective_residual == 32  # none: the default
+    with pytest.raises(UserError, match="cannot read the sinks 'none'"):
+        parse_spec("q4:sinks=none")
+    with pytest.raises(UserError, match="cannot read the residual 'x'"):
+        parse_spec("q4:residual=x")
 
 
 def test_passkey_table_puts_the_reference_first():

@@ -97,7 +97,7 @@ def test_cpu_load_dequantizes_to_float32_and_can_keep_packed(tmp_path: Path) -> 
     info = model.mlxkv_load_info
     assert info.dequantized and not info.quantized and info.dtype == "float32"
     assert info["source"] == info.get("source") == str(model_dir)  # also a read-only mapping
-    assert info.get("note") == "loaded model: quantized weights expanded to float32 (faster on this device), 0.4 MB"
+    assert info.get("note") == "loaded model: quantized weights expanded to float32 (faster on this device), 354.2 KB"
     assert "mlxkv_load_info" not in model.parameters()
     packed, _ = load(str(model_dir), keep_quantized=True)
     assert packed.mlxkv_load_info.quantized and packed.mlxkv_load_info.dtype == "float32"

@@ -17,7 +17,7 @@ from mlx_lm.models.cache import save_prompt_cache
 import mlxkv
 from mlxkv.attention import attend
 from mlxkv.caches import HeavyHitterCache
-from mlxkv.config import KVConfig, parse_config_spec
+from mlxkv.config import KVConfig, parse_spec
 from mlxkv.loading.tiny import tiny_model
 from test_cache_attention import causal, f16_exact, fake_quant, reference_attention
 from test_mlx_lm_integration import run_logits, tokens
@@ -240,15 +240,16 @@ def test_bad_h2o_budgets_are_one_line_errors(kwargs, message):
 
 
 def test_h2o_from_specs_and_flags():
-    cfg = parse_config_spec("q8:max_kv=256:evict=h2o")  # by default half of what the sinks leave is recent
+    cfg = parse_spec("q8:max_kv=256:evict=h2o")  # by default half of what the sinks leave is recent
     assert (cfg.bits, cfg.max_kv, cfg.evict, cfg.effective_residual) == (8, 256, "h2o", 126)
     assert "h2o 256 = 4 sinks + 126 heavy hitters + 126 recent" in cfg.describe()
-    assert parse_config_spec("q8:max_kv=256:evict=h2o:residual=32").effective_residual == 32
+    assert parse_spec("q8:max_kv=256:evict=h2o:residual=32").effective_residual == 32
     assert KVConfig(max_kv=64, evict="h2o").effective_residual == 30  # full precision too
     assert KVConfig(bits=4).effective_residual == 32 and KVConfig().effective_residual == 0
-    from mlxkv.cli.generate import add_kv_arguments, kv_config_from_args
+    from mlxkv.cli.kv_args import add_kv_arguments, request_from_args
 
     parser = argparse.ArgumentParser()
     add_kv_arguments(parser)
     args = parser.parse_args(["--max-kv", "128", "--kv-evict", "h2o", "--kv-bits", "4"])
-    assert kv_config_from_args(args) == KVConfig(bits=4, max_kv=128, evict="h2o")
+    # the best measured 4-bit scheme H2O can hold: per-channel keys are written in groups, so rotated per-token
+    assert request_from_args(args).resolve() == KVConfig(bits=4, rotate=True, max_kv=128, evict="h2o")

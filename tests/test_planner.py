@@ -18,7 +18,7 @@ from mlxkv.errors import UserError
 from mlxkv.loading.tiny import TINY_ARCHS, tiny_config, tiny_model
 from mlxkv.memory.layout import LayerSpec, ModelLayout, layout_from_config, layout_from_model
 from mlxkv.memory.planner import (
-    QUALITY_ORDER, _mirror, candidate_configs, kv_bytes_per_token, max_context, plan,
+    _mirror, candidate_configs, kv_bytes_per_token, max_context, plan,
     predict_kv_bytes, predict_layer_bytes, recommend, recommend_config,
 )
 
@@ -39,7 +39,7 @@ CONFIGS = {
     "q4-kivi": KVConfig.from_name("q4-kivi"),  # keys per channel: stored a group of tokens at a time
     "mxfp4": KVConfig.from_name("mxfp4"),  # one 8-bit scale per 32, no bias
     "nvfp4": KVConfig.from_name("nvfp4"),
-    "per-layer-bits": KVConfig(bits=4, layer_bits=((0, 8), (-1, 0))),
+    "per-layer-bits": KVConfig(bits=4, layer_bits=((0, 8), (-1, 16))),
     "q4-window": KVConfig(bits=4, max_kv=100),
     "kivi-window-from-40": KVConfig(bits=4, group_size=32, per_channel_keys=True, max_kv=150, quantized_kv_start=40),
     "fp16-window": KVConfig(max_kv=300, sinks=4),
@@ -223,7 +223,7 @@ def test_plan_rows_and_recommendation():
     fp16_total = weights + predict_kv_bytes("fp16", layout, 32768)
     budget = fp16_total - 1  # fp16 misses by one byte
     rows = plan(layout, 32768, budget, weights, candidate_configs())
-    assert [r.config for r in rows] == QUALITY_ORDER
+    assert [r.config for r in rows][:3] == ["fp16", "q8", "q6"]  # the registry, best measured first
     by_name = {r.config: r for r in rows}
     assert not by_name["fp16"].fits and by_name["q8"].fits
     assert by_name["fp16"].bits_per_element == 16 and by_name["q4"].bits_per_element == 4.5
@@ -235,8 +235,10 @@ def test_plan_rows_and_recommendation():
 
 def test_recommendation_skips_baselines_and_ranks_unknown_names_by_bits():
     layout = ModelLayout((LayerSpec(2, 64, 64),))
-    rows = plan(layout, 1000, 10**9, 0, candidate_configs(["mlxlm-fp16", "q4-nores", "q8-nores"]))
-    assert recommend(rows, 10**9, 1000)[0] == "q8-nores"
+    rows = plan(layout, 1000, 10**9, 0, candidate_configs(["mlxlm-fp16", "q4:residual=0", "q8-nores"]))
+    assert recommend(rows, 10**9, 1000)[0] == "q8-nores"  # neither is measured: more bits first
+    rows = plan(layout, 1000, 10**9, 0, candidate_configs(["mlxlm-fp16", "q8-nores", "q4-nores"]))
+    assert recommend(rows, 10**9, 1000)[0] == "q4-nores"  # a measured scheme before unmeasured ones
 
 
 def test_recommend_config_for_a_loaded_model_and_a_config():

@@ -27,7 +27,8 @@ from mlxkv.bench.runner import add_ratios, paired_ratio, resolve_configs
 from mlxkv.caches.factory import model_head_dim
 from mlxkv.config import KVConfig
 from mlxkv.errors import UserError
-from mlxkv.eval.configs import CacheSpec, bits_per_element
+from mlxkv.eval.configs import CacheSpec
+from mlxkv.memory.held import bits_per_element
 
 DEFAULT_ATTENTION_CONFIGS = (
     "mlxlm-fp16", "fp16",

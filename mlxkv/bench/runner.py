@@ -23,8 +23,9 @@ import mlx.nn as nn
 
 from mlxkv.config import KVConfig
 from mlxkv.errors import UserError
-from mlxkv.eval.configs import CacheSpec, filled_totals, kv_elements_per_token, parse_specs
-from mlxkv.memory.tracker import layer_kv_bytes, model_weights_bytes
+from mlxkv.eval.configs import CacheSpec, parse_specs
+from mlxkv.memory.held import kv_held
+from mlxkv.memory.tracker import model_weights_bytes
 from mlxkv.stepping import prefill
 
 DEFAULT_CONFIGS = ("fp16", "q8", "q4", "k8v4", "mlxlm-fp16", "mlxlm-q8", "mlxlm-q4")
@@ -87,15 +88,10 @@ def synthetic_prompt(model: nn.Module, length: int, seed: int = 0) -> mx.array:
 
 # -- sizes ---------------------------------------------------------------------------
 def kv_sizes(model: nn.Module, cache: Sequence[Any]) -> dict[str, int]:
-    """The cache's bytes three ways: allocated (mlx-lm's caches and ours grow in steps of
-    256 tokens), filled (the tokens held, no slack), and what those tokens would take in a
-    16-bit cache (2 bytes per element): the yardstick whatever dtype the device computes in."""
-    size, held = filled_totals(cache)
-    return {
-        "kv_bytes": sum(layer_kv_bytes(cache)),
-        "kv_filled_bytes": size,
-        "kv_fp16_bytes": FP16_BYTES * kv_elements_per_token(model) * held,
-    }
+    """The cache's bytes three ways (see ``mlxkv.memory.held``): allocated, filled, and what the
+    same tokens take in a 16-bit cache, the yardstick whatever dtype the device computes in."""
+    held = kv_held(model, cache)
+    return {"kv_bytes": held.allocated, "kv_filled_bytes": held.filled, "kv_fp16_bytes": held.fp16}
 
 
 # -- one run -------------------------------------------------------------------------

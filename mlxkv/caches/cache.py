@@ -14,7 +14,6 @@ All are full precision when their config has no bits. They follow mlx-lm's proto
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from typing import Any
 
@@ -52,17 +51,16 @@ class ComposedCache:
         # attention each recent-tier token received so far (scored policies only)
         self.recent_scores: mx.array | None = mx.zeros((0,), dtype=mx.float32) if policy.scored else None
         self.tier_dtype = mx.float16  # of the 16-bit tiers; bfloat16 for bfloat16 models
-        self.stage = -1  # index into config.precision_steps; -1 = full precision
+        self.stage = 0  # index into config.stages
         self.key_store, self.value_store = self._make_stores()
-        self._maybe_change_precision()
 
     # -- construction -------------------------------------------------------------
     def _make_stores(self) -> tuple[TensorStore, TensorStore]:
         cfg, cap = self.config, self.policy.capacity
-        _, key_bits, value_bits = cfg.precision_steps[self.stage] if self.stage >= 0 else (0, None, None)
+        _, key_bits, value_bits = cfg.stages[self.stage]
         return (
-            make_store(key_bits, cfg.group_size, cap, per_channel=cfg.per_channel_keys and key_bits is not None, mode=cfg.mode),
-            make_store(value_bits, cfg.group_size, cap, mode=cfg.mode),
+            make_store(key_bits, cfg.precision.group, cap, per_channel=cfg.per_channel_keys and key_bits is not None, mode=cfg.mode),
+            make_store(value_bits, cfg.precision.group, cap, mode=cfg.mode),
         )
 
     @staticmethod
@@ -77,9 +75,9 @@ class ComposedCache:
     def _maybe_change_precision(self) -> None:
         """quantized_kv_start / adaptive steps: once the cache holds a step's tokens,
         re-encode the stores in place at that step's bits."""
-        steps = self.config.precision_steps
+        steps = self.config.stages
         stage = self.stage
-        while self.config.quantized and stage + 1 < len(steps) and self.offset >= steps[stage + 1][0]:
+        while stage + 1 < len(steps) and self.offset >= steps[stage + 1].start:
             stage += 1
         if stage == self.stage:
             return
@@ -114,8 +112,8 @@ class ComposedCache:
             # full-precision caches keep the model's dtype everywhere
             self.tier_dtype = _recent_dtype(keys.dtype) if self.config.quantized else keys.dtype
             if self.config.quantized:
-                self.config.check_head_dim(keys.shape[-1])
-                self.config.check_head_dim(values.shape[-1])
+                self.config.precision.check_head_dim(keys.shape[-1])
+                self.config.precision.check_head_dim(values.shape[-1])
         self._maybe_change_precision()
         if self.config.rotate:  # spread outlier channels over the group before quantizing
             keys, values = mx.hadamard_transform(keys), mx.hadamard_transform(values)
@@ -257,16 +255,16 @@ class ComposedCache:
     @property
     def nbytes(self) -> int:
         """Bytes allocated: the stores' whole buffers and the 16-bit tiers."""
-        return self.key_store.nbytes + self.value_store.nbytes + self._tier_nbytes
+        return self.key_store.nbytes + self.value_store.nbytes + self.tier_nbytes
 
     @property
     def filled_nbytes(self) -> int:
         """Bytes of the tokens held: the stores' filled slots (no growth slack) and the tiers."""
         stored = sum(p.nbytes for store in (self.key_store, self.value_store) for p in self._filled_parts(store))
-        return stored + self._tier_nbytes
+        return stored + self.tier_nbytes
 
     @property
-    def _tier_nbytes(self) -> int:
+    def tier_nbytes(self) -> int:
         tiers = (self.recent_keys, self.recent_values, self.sink_keys, self.sink_values)
         return sum(t.nbytes for t in tiers if t is not None)
 
@@ -310,7 +308,7 @@ class ComposedCache:
         """Everything that is not an array, as one JSON string."""
         return json.dumps(
             {
-                "config": dataclasses.asdict(self.config),
+                "config": self.config.to_dict(),
                 "policy": self.policy.params(),
                 "residual": self.residual,
                 "offset": self.offset,
@@ -406,7 +404,7 @@ class SinkWindowCache(ComposedCache):
             window = config.max_kv - sinks
         # A model's own short window (e.g. Gemma's 512) bounds the residual too.
         residual = min(config.effective_residual, window // 2)
-        unit = config.group_size if config.per_channel_keys else 1
+        unit = config.precision.group if config.per_channel_keys else 1
         super().__init__(config, SinkWindow(sinks, window, residual, unit), residual)
 
 

@@ -10,6 +10,7 @@ from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache
 from mlxkv.attention import hook
 from mlxkv.caches.cache import HeavyHitterCache, QuantizedCache, SinkWindowCache
 from mlxkv.config import KVConfig
+from mlxkv.errors import UserError
 
 
 def resolve_config(config: KVConfig | str | None) -> KVConfig:
@@ -38,8 +39,8 @@ def make_kv_cache(model: nn.Module, config: KVConfig | str | None = None) -> lis
         return [_mlx_lm_cache(c, config) for c in template]
     head_dim = model_head_dim(model)
     if head_dim is not None:
-        config.check_head_dim(head_dim)
-    config.check_layer_bits(len(template))
+        config.precision.check_head_dim(head_dim)
+    config.precision.check_layers(len(template))
     hook.install()
     return [_mlxkv_cache(c, config.for_layer(i, len(template))) for i, c in enumerate(template)]
 
@@ -60,7 +61,7 @@ def _mlx_lm_cache(layer_cache: Any, config: KVConfig) -> Any:
     """mlx-lm's own caches, as its generate would build them: the baselines we compare with."""
     if type(layer_cache) is not KVCache:
         return layer_cache  # mlx-lm cannot quantize rotating caches; they stay as the model made them
-    if config.bits is not None:
+    if config.quantized:
         return QuantizedKVCache(group_size=config.group_size, bits=config.bits)
     if config.max_kv is not None:
         return RotatingKVCache(max_size=config.max_kv, keep=config.sinks)
@@ -79,3 +80,14 @@ def model_head_dim(model: nn.Module) -> int | None:
     if hidden and heads:
         return int(hidden // heads)
     return None
+
+
+def model_fits(config: KVConfig, model: nn.Module) -> bool:
+    """Whether ``make_kv_cache(model, config)`` would accept the config (head size, layers)."""
+    try:
+        head_dim = model_head_dim(model)
+        if head_dim is not None:
+            config.precision.check_head_dim(head_dim)
+    except UserError:
+        return False
+    return True

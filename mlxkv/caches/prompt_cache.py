@@ -7,7 +7,6 @@ and delegate, so one file format serves both tools and mixed cache lists restore
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -43,27 +42,47 @@ def load_prompt_cache(path: str | Path, return_metadata: bool = False):
         raise UserError(f"{path} is not a readable prompt cache ({type(e).__name__}: {e}); delete it and save it again") from None
 
 
+def check_prompt_cache_path(path: str | Path, option: str = "--prompt-cache") -> None:
+    """Before anything runs: the file can be read (if it exists) or written (if not)."""
+    import os
+
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{option} {path} is a directory; give a file name such as {path / 'prompt.safetensors'}")
+    if path.suffix != ".safetensors":
+        raise UserError(f"{option} files end in .safetensors; got {path}")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise UserError(f"{option} {path}: directory {parent} does not exist; create it or choose another path")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.R_OK | os.W_OK)):
+        raise UserError(f"{option} {path} is not writable; choose another path")
+
+
 class PromptCacheFile:
-    """A saved prompt prefix for ``mlxkv generate --prompt-cache``: the cache plus the token
-    ids, KV config and model it was made with, so reuse can check that all three match."""
+    """A saved prompt for ``mlxkv generate --prompt-cache``: the cache plus the token ids, KV
+    config and model it was made with, so a later run can check all three and reuse the
+    longest common prefix of its own prompt."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
 
     def save(self, cache: list[Any], tokens: list[int], config: Any, model_id: str) -> None:
-        if self.path.suffix != ".safetensors":
-            raise UserError(f"prompt cache files end in .safetensors; got {self.path}")
+        """Write atomically: a half-written file never replaces a good one."""
         metadata = {
             "mlxkv_tokens": json.dumps(list(map(int, tokens))),
-            "mlxkv_config": json.dumps(dataclasses.asdict(config)),
+            "mlxkv_config": json.dumps(config.to_dict()),
             "mlxkv_model": model_id,
         }
-        tmp = self.path.with_name(self.path.stem + ".partial.safetensors")
-        save_prompt_cache(tmp, cache, metadata)
-        tmp.replace(self.path)  # never leave a half-written file under the user's name
+        tmp = self.path.with_name(f".{self.path.stem}.partial.safetensors")
+        try:
+            save_prompt_cache(tmp, cache, metadata)
+            tmp.replace(self.path)
+        except (OSError, RuntimeError) as e:  # RuntimeError: MLX's writer (disk full, /proc)
+            tmp.unlink(missing_ok=True)
+            raise UserError(f"cannot write the prompt cache {self.path}: {e}") from None
 
-    def reuse(self, tokens: list[int], config: Any, model_id: str) -> tuple[list[Any], list[int]]:
-        """The saved cache and the tokens of ``tokens`` it does not hold yet."""
+    def load(self, config: Any, model_id: str) -> tuple[list[Any], list[int]]:
+        """(cache, the tokens it holds) when it was saved for this model and KV config."""
         cache, meta = load_prompt_cache(self.path, return_metadata=True)
         if "mlxkv_tokens" not in meta:
             raise UserError(f"{self.path} was not saved by 'mlxkv generate --prompt-cache'; use another file name")
@@ -76,16 +95,4 @@ class PromptCacheFile:
             raise UserError(
                 f"{self.path} was saved with KV cache '{saved.describe()}'; pass the same KV flags or use another file name"
             )
-        saved_tokens = json.loads(meta["mlxkv_tokens"])
-        if tokens[: len(saved_tokens)] != saved_tokens:
-            raise UserError(
-                f"the prompt does not start with the prefix saved in {self.path}; use another file name for this prompt"
-            )
-        rest = tokens[len(saved_tokens):]
-        if not rest:  # generation needs at least one token to feed
-            if not all(c.is_trimmable() for c in cache):
-                raise UserError(f"the prompt equals the prefix in {self.path}; add text after it")
-            for c in cache:
-                c.trim(1)
-            rest = tokens[-1:]
-        return cache, rest
+        return cache, json.loads(meta["mlxkv_tokens"])

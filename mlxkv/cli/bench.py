@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from mlxkv.bench.runner import DEFAULT_CONFIGS, DEFAULT_CONTEXTS, DEFAULT_PREFILL_CHUNK, PROMPT_NOTE
-from mlxkv.config import KVConfig
+from mlxkv.cli.common import token_list_arg
+from mlxkv.cli.kv_args import add_kv_arguments, kv_epilog, specs_from_args
 from mlxkv.errors import UserError
 from mlxkv.report import check_output_path
 
@@ -43,27 +44,6 @@ actually hold float32 (32 bits/elt). overhead: decode peak - weights - KV MiB, a
 the 16-bit KV size (target <= 10%)."""
 
 
-def _int_list(text: str) -> list[int]:
-    """'1024,4k,8K' -> [1024, 4096, 8192]."""
-    values = []
-    for part in text.split(","):
-        part = part.strip().lower()
-        if not part:
-            continue
-        scale = 1024 if part.endswith("k") else 1
-        try:
-            values.append(int(part.removesuffix("k")) * scale)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{part!r} is not a number of tokens (e.g. 1024 or 4k)") from None
-    if not values:
-        raise argparse.ArgumentTypeError("give at least one context, e.g. 1024,4096")
-    return values
-
-
-def _name_list(text: str) -> list[str]:
-    return [p.strip() for p in text.split(",") if p.strip()]
-
-
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "bench",
@@ -75,7 +55,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             "affects all configs alike. Prompts are synthetic token ids.", 80
         ),
         epilog="Example: mlxkv bench --contexts 1024,4096 --configs fp16,q4,mlxlm-fp16,mlxlm-q4 "
-        "--json bench.json --plot bench.png\n\nKV configs:\n" + KVConfig.help_table(),
+        "--json bench.json --plot bench.png\n\n" + kv_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", help="a .gguf file, a local mlx-lm directory or a Hugging Face repo id "
@@ -86,9 +66,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def add_bench_arguments(p: argparse.ArgumentParser, contexts: Sequence[int] = DEFAULT_CONTEXTS) -> None:
     """Every option but the model: shared with scripts that bench a model built in code."""
-    p.add_argument("--contexts", type=_int_list, default=list(contexts), metavar="N,N,...",
+    p.add_argument("--contexts", type=token_list_arg, default=list(contexts), metavar="N,N,...",
                    help=f"prompt lengths in tokens, e.g. 1024,4k,8k (default {','.join(map(str, contexts))})")
-    p.add_argument("--configs", type=_name_list, default=list(DEFAULT_CONFIGS), metavar="NAME,NAME,...",
+    p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), metavar="SPEC,SPEC,...",
                    help="KV configs, listed below, each with optional field overrides such as q4:residual=64 "
                         f"(default {','.join(DEFAULT_CONFIGS)})")
     p.add_argument("--gen-tokens", type=int, default=32, metavar="N",
@@ -103,6 +83,7 @@ def add_bench_arguments(p: argparse.ArgumentParser, contexts: Sequence[int] = DE
     p.add_argument("--json", metavar="FILE", help="write the rows and the machine/versions to FILE")
     p.add_argument("--markdown", metavar="FILE", help="write the table as markdown to FILE")
     p.add_argument("--plot", metavar="FILE.png", help="plot tokens/s and memory against context to FILE (needs matplotlib)")
+    add_kv_arguments(p, multi=True)
 
 
 def display_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -158,6 +139,7 @@ def check_arguments(args: argparse.Namespace) -> None:
     from mlxkv.bench.runner import resolve_configs
     from mlxkv.report import require_pyplot
 
+    args.configs = specs_from_args(args, args.configs)
     resolve_configs(args.configs)
     if args.trials < 1:
         raise UserError(f"--trials must be at least 1, got {args.trials}")

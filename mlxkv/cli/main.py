@@ -9,6 +9,7 @@ import sys
 # Sub-command name -> module under mlxkv.cli with add_parser(subparsers) and run(args) -> int.
 SUBCOMMANDS = {
     "generate": "generate",
+    "chat": "chat",
     "plan": "plan",
     "bench": "bench",
     "eval": "eval",

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from mlxkv.cli.kv_args import add_kv_arguments
 from mlxkv.errors import UserError
 
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
@@ -46,37 +47,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="dtype the model computes in: float16 on a Mac (default); float32 for a CPU device, "
                         "where mlxkv also expands quantized weights to float32")
     p.add_argument("--weights-bytes", metavar="SIZE", help="the weights' size, when you know better (e.g. 4.5GB)")
-    p.add_argument("--kv-configs", metavar="NAMES",
-                   help="comma-separated configurations to compare (default: " + ",".join(_quality_order()) + ")")
+    p.add_argument("--configs", "--kv-configs", dest="configs", metavar="SPEC,SPEC,...",
+                   help="configurations to compare, names or spec strings (default: every scheme, best measured "
+                        "quality first)")
     p.add_argument("--baselines", action="store_true", help=f"also show mlx-lm's caches ({', '.join(BASELINES)})")
-    p.add_argument("--max-kv", type=int, metavar="TOKENS",
-                   help="bound every configuration to a window of this many tokens (sinks included)")
-    p.add_argument("--sinks", type=int, metavar="N", help="tokens a --max-kv window keeps at the start (default 4)")
-    p.add_argument("--kv-group-size", type=int, metavar="N", help="elements per scale/bias group: 32, 64 or 128 (default 64)")
-    p.add_argument("--kv-residual", type=int, metavar="TOKENS",
-                   help="newest tokens kept in 16-bit beside a quantized cache (default 32; with h2o, half of --max-kv)")
+    add_kv_arguments(p, multi=True)
     p.add_argument("--json", nargs="?", const="-", metavar="FILE",
                    help="write the plan as JSON to FILE (or to stdout without FILE) instead of the table")
     p.set_defaults(run=run)
 
 
-def _quality_order() -> list[str]:
-    from mlxkv.memory.planner import QUALITY_ORDER
-
-    return QUALITY_ORDER
-
-
 def _tokens_arg(text: str) -> int:
-    """'32768', '32k' (x1024) or '32,768'."""
-    cleaned = text.strip().lower().replace(",", "").replace("_", "")
-    scale = 1024 if cleaned.endswith("k") else 1
+    from mlxkv.units import parse_tokens
+
     try:
-        value = int(float(cleaned.removesuffix("k")) * scale)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of tokens such as 32768 or 32k, not {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"the context must be at least 1 token, got {text!r}")
-    return value
+        return parse_tokens(text, "context")
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -85,27 +72,35 @@ def run(args: argparse.Namespace) -> int:
     from mlxkv.memory.layout import layout_from_config
     from mlxkv.memory.model_config import model_source, weights_bytes
     from mlxkv.memory.planner import candidate_configs, compatible_configs, plan, recommend
-    from mlxkv.memory.units import format_bytes, parse_bytes
+    from mlxkv.units import format_bytes, parse_bytes
 
     if args.batch < 1:
         raise UserError(f"--batch must be at least 1, got {args.batch}")
     memory = device_memory(args.memory)  # parse the budget before any download
     explicit_weights = parse_bytes(args.weights_bytes, "weights size") if args.weights_bytes else None
-    names = [n.strip() for n in args.kv_configs.split(",") if n.strip()] if args.kv_configs else None
-    configs = candidate_configs(
-        names, group_size=args.kv_group_size, max_kv=args.max_kv, sinks=args.sinks, residual=args.kv_residual,
-    )
+    from mlxkv.cli.kv_args import overrides_from_args, specs_from_args
+
+    if args.kv_bits == "auto":
+        raise UserError("mlxkv plan recommends a configuration itself; drop --kv-bits auto")
+    if args.configs:  # the flags apply to each named config; each must work
+        configs = candidate_configs(specs_from_args(args, args.configs))
+        invalid: dict[str, str] = {}
+    else:  # every scheme with the flags applied; those the flags rule out are noted
+        overrides = overrides_from_args(args)
+        if args.kv_bits is not None:
+            overrides["bits"] = args.kv_bits
+        configs, invalid = candidate_configs(None, skip_invalid=True, **overrides)
     for name in BASELINES if args.baselines else ():
         try:
-            configs.update(candidate_configs([name], group_size=args.kv_group_size, max_kv=args.max_kv,
-                                             sinks=args.sinks))
+            configs.update(candidate_configs([name], **{k: v for k, v in overrides_from_args(args).items()
+                                                        if k in ("group_size", "max_kv", "sinks")}))
         except UserError:
             pass  # mlx-lm's quantized cache cannot hold a window: no such baseline
 
     source = model_source(args.model, args.config)
     layout = layout_from_config(source.config)
     configs, skipped = compatible_configs(configs, layout)
-    if not configs or (names and skipped):  # a configuration the user named must work
+    if not configs or (args.configs and skipped):  # a configuration the user named must work
         raise UserError(next(iter(skipped.values())))
     dtype_bytes = DTYPE_BYTES[args.dtype]
     if explicit_weights is not None:
@@ -119,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     rows = plan(layout, context, memory.recommended, weights, configs, dtype_bytes, args.batch)
     choice = recommend(rows, memory.recommended, context)
     notes = _notes(layout, context, args.dtype, is_cpu())
-    notes += [f"skipped {name}: {why}" for name, why in skipped.items()]
+    notes += [f"skipped {name}: {why}" for name, why in {**invalid, **skipped}.items()]
 
     if args.json is not None:
         _write_json(args.json, rows, choice, {

@@ -23,7 +23,8 @@ import mlx.nn as nn
 
 from mlxkv.config import KVConfig
 from mlxkv.errors import UserError
-from mlxkv.eval.configs import DEFAULT_REFERENCE, CacheSpec, as_spec, bits_per_element, parse_specs
+from mlxkv.eval.configs import DEFAULT_REFERENCE, CacheSpec, as_spec, parse_specs
+from mlxkv.memory.held import bits_per_element
 from mlxkv.stepping import forward_chunks
 
 DEFAULT_TOKENS = 1024

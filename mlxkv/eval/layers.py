@@ -14,7 +14,8 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlxkv.config import KVConfig
+from mlxkv.config import FULL_PRECISION, KVConfig
+from mlxkv.config.precision import resolve_bits
 from mlxkv.errors import UserError
 from mlxkv.eval.kld import Progress, evaluate_kld
 
@@ -26,8 +27,8 @@ def layer_count(model: nn.Module) -> int:
 
 
 def only_layer(probe: KVConfig, layer: int, n_layers: int) -> KVConfig:
-    """``probe`` on one layer, full precision (0 bits) on every other."""
-    return probe.replace(layer_bits=tuple((i, 0) for i in range(n_layers) if i != layer))
+    """``probe`` on one layer, full precision on every other."""
+    return probe.replace(layer_bits=tuple((i, FULL_PRECISION) for i in range(n_layers) if i != layer))
 
 
 def layer_sensitivity(
@@ -44,7 +45,9 @@ def layer_sensitivity(
 
 
 def nominal_bits(bits: int | None, group_size: int) -> float:
-    """Bits per element of a packed store: bits plus a 16-bit scale and bias per group."""
+    """Bits per element of a packed store: bits plus a 16-bit scale and bias per group
+    (None or 16: full precision, 16 bits)."""
+    bits = resolve_bits(bits)
     return 16.0 if bits is None else bits + 32 / group_size
 
 

@@ -27,6 +27,7 @@ from mlx.utils import tree_flatten
 
 from mlxkv.device import is_cpu
 from mlxkv.errors import UserError
+from mlxkv.units import format_bytes
 from mlxkv.loading.gguf import IMPORT_FORMAT_VERSION, import_gguf
 from mlxkv.loading.gguf_file import GGUF_MAGIC
 
@@ -237,6 +238,11 @@ def load(
         quantized=was_quantized and not dequantized,
         dtype=weights_dtype,
         weights_bytes=weights_bytes,
-        note=f"loaded {_short_name(source)}: {how}, {weights_bytes / 1e6:,.1f} MB",
+        note=f"loaded {_short_name(source)}: {how}, {format_bytes(weights_bytes)}",
     )
     return loaded, tokenizer
+
+
+def load_info(model: nn.Module) -> LoadInfo | None:
+    """What ``load`` did for this model (None for a model built another way): the one reader."""
+    return getattr(model, "mlxkv_load_info", None)

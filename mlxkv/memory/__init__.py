@@ -6,18 +6,19 @@
 from mlxkv.memory.machine_memory import DeviceMemory, device_memory
 from mlxkv.memory.layout import LayerSpec, ModelLayout, layout_from_config, layout_from_model
 from mlxkv.memory.planner import (
-    QUALITY_ORDER, PlanRow, candidate_configs, kv_bytes_per_token, max_context, plan,
+    PlanRow, candidate_configs, kv_bytes_per_token, max_context, plan,
     predict_kv_bytes, predict_layer_bytes, recommend, recommend_config,
 )
+from mlxkv.memory.held import KVHeld, kv_held, layer_kv_bytes
 from mlxkv.memory.plot import plot_memory_runs
 from mlxkv.memory.tracker import (
-    MemoryRun, MemoryTracker, layer_kv_bytes, load_memory_run, model_weights_bytes,
+    MemoryRun, MemoryTracker, load_memory_run, model_weights_bytes,
     report_format, save_memory_run,
 )
-from mlxkv.memory.units import format_bytes, parse_bytes
+from mlxkv.units import format_bytes, parse_bytes
 
 __all__ = [
-    "QUALITY_ORDER", "DeviceMemory", "LayerSpec", "MemoryRun", "MemoryTracker", "ModelLayout",
+    "DeviceMemory", "KVHeld", "kv_held", "LayerSpec", "MemoryRun", "MemoryTracker", "ModelLayout",
     "PlanRow", "candidate_configs", "device_memory", "format_bytes", "kv_bytes_per_token",
     "layer_kv_bytes", "layout_from_config", "layout_from_model", "load_memory_run", "max_context",
     "model_weights_bytes", "parse_bytes", "plan", "plot_memory_runs", "predict_kv_bytes",

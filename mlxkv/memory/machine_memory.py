@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlxkv.errors import UserError
-from mlxkv.memory.units import parse_bytes
+from mlxkv.units import parse_bytes
 
 MEMORY_ENV = "MLXKV_MEMORY"
 RECOMMENDED_FRACTION = 0.75

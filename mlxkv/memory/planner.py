@@ -26,22 +26,12 @@ from typing import Any
 from mlxkv.config import KVConfig
 from mlxkv.errors import UserError
 from mlxkv.memory.layout import LayerSpec, ModelLayout
-from mlxkv.memory.units import format_bytes
+from mlxkv.units import format_bytes
 
 FP16_BYTES = 2
 """Our affine scales/biases and the residual tier are 16-bit on every device."""
 GROWTH_STEP = 256
 """Tokens a store grows by (``TensorStore.step``, mlx-lm's ``KVCache.step``)."""
-
-QUALITY_ORDER: list[str] = [
-    "fp16", "q8", "mxfp8", "k8v4", "q6", "q5", "q4", "q4-rot", "q4-kivi", "q4-kivi-rot", "nvfp4",
-    "mxfp4", "mxfp4-rot", "q3", "k4v2", "q2",
-]
-"""Named configurations from best to worst quality: the order ``recommend`` walks. Until the
-eval's measurements (QUALITY.md) replace it, ordered by stored bits per element (q8 8.5,
-mxfp8 8.25, k8v4 and q6 6.5, q5 5.5, q4 and nvfp4 4.5, mxfp4 4.25, q3 and k4v2 3.5, q2 2.5);
-at equal bits the plain scheme comes first, as the one measured so far."""
-
 
 # -- bytes of one token in one store ----------------------------------------------------------
 def token_bytes(dim: int, bits: int | None, group_size: int, dtype_bytes: int,
@@ -104,15 +94,15 @@ class ComposedMirror(CacheMirror):
         self.config = config
         self.residual = residual
         self.sinks = sinks
-        self.group_unit = config.group_size if config.per_channel_keys else 1
+        self.group_unit = config.precision.group if config.per_channel_keys else 1
         self.capacity = None if window is None else _round_up(window - residual, self.group_unit)
         self.packed = config.quantized and config.quantized_kv_start == 0
         self.offset = self.flushed = self.slots = 0
         rows = layer.kv_heads * batch
         self._dense_rate = rows * (layer.key_dim + layer.value_dim) * dtype_bytes
         self._packed_rate = rows * (
-            token_bytes(layer.key_dim, config.key_bits, config.group_size, dtype_bytes, mode=config.mode)
-            + token_bytes(layer.value_dim, config.value_bits, config.group_size, dtype_bytes, mode=config.mode)
+            token_bytes(layer.key_dim, config.key_bits, config.precision.group, dtype_bytes, mode=config.mode)
+            + token_bytes(layer.value_dim, config.value_bits, config.precision.group, dtype_bytes, mode=config.mode)
         )
         # 16-bit tiers for quantized configs; the model's dtype for full-precision ones
         tier_bytes = FP16_BYTES if config.quantized else dtype_bytes
@@ -400,8 +390,8 @@ def compatible_configs(configs: Mapping[str, KVConfig], layout: ModelLayout) -> 
     for name, config in configs.items():
         try:
             for layer in layout.attention_layers:
-                config.check_head_dim(layer.key_dim)
-                config.check_head_dim(layer.value_dim)
+                config.precision.check_head_dim(layer.key_dim)
+                config.precision.check_head_dim(layer.value_dim)
         except UserError as e:
             skipped[name] = str(e)
         else:
@@ -409,20 +399,33 @@ def compatible_configs(configs: Mapping[str, KVConfig], layout: ModelLayout) -> 
     return usable, skipped
 
 
-def candidate_configs(names: Sequence[str] | None = None, **overrides: Any) -> dict[str, KVConfig]:
-    """Named configurations (default: ``QUALITY_ORDER``) with the user's field overrides
-    (group size, window, sinks, residual) applied to each."""
+def candidate_configs(names: Sequence[str] | None = None, skip_invalid: bool = False,
+                      **overrides: Any) -> Any:
+    """Configurations by name or spec string (default: every scheme of the registry, best
+    measured first) with the user's field overrides applied to each. ``skip_invalid``: return
+    ``(configs, {name: why})``, leaving out the schemes the overrides rule out."""
+    from mlxkv.config.spec import parse_spec
+    from mlxkv.schemes import ranked
+
     fields = {k: v for k, v in overrides.items() if v is not None}
-    return {name: KVConfig.from_name(name, **fields) for name in (names or QUALITY_ORDER)}
+    configs, invalid = {}, {}
+    for name in names or [s.name for s in ranked()]:
+        try:
+            configs[name] = parse_spec(name, **fields)
+        except UserError as e:
+            if not skip_invalid:
+                raise
+            invalid[name] = str(e)
+    return (configs, invalid) if skip_invalid else configs
 
 
-def recommend(rows: Sequence[PlanRow], budget: int, context: int,
-              quality_order: Sequence[str] = QUALITY_ORDER) -> tuple[str, str] | None:
-    """(name, reason) of the best-quality row that fits, by ``quality_order``; None if none fits."""
-    by_name = {row.config: row for row in rows if not row.baseline}
-    ranked = [by_name[name] for name in quality_order if name in by_name]
-    others = [row for name, row in by_name.items() if name not in quality_order]
-    ranked += sorted(others, key=lambda row: -row.bits_per_element)  # unranked: more bits first
+def recommend(rows: Sequence[PlanRow], budget: int, context: int) -> tuple[str, str] | None:
+    """(name, reason) of the row that fits with the best measured quality (the registry's KL
+    divergence; unmeasured configs after, most bits first); None if none fits."""
+    from mlxkv.schemes import quality_rank
+
+    ranked = sorted((row for row in rows if not row.baseline),
+                    key=lambda row: (*quality_rank(row.config), -row.bits_per_element))
     for i, row in enumerate(ranked):
         if row.fits:
             reason = (
@@ -471,7 +474,7 @@ def recommend_config(
     from mlxkv.memory.machine_memory import device_memory
     from mlxkv.memory.layout import layout_from_config, layout_from_model, parameter_count
     from mlxkv.memory.tracker import model_weights_bytes
-    from mlxkv.memory.units import parse_bytes
+    from mlxkv.units import parse_bytes
 
     if isinstance(model_or_config, nn.Module):
         layout = layout_from_model(model_or_config)
@@ -489,9 +492,10 @@ def recommend_config(
         budget = device_memory().recommended
     elif not isinstance(budget, int):
         budget = parse_bytes(budget, "memory budget")
-    configs, skipped = compatible_configs(candidate_configs(candidates, **overrides), layout)
+    named, invalid = candidate_configs(candidates, skip_invalid=True, **overrides)
+    configs, skipped = compatible_configs(named, layout)
     if not configs:
-        raise UserError(next(iter(skipped.values())))
+        raise UserError(next(iter({**invalid, **skipped}.values())))
     rows = plan(layout, context, budget, weights_bytes, configs, dtype_bytes, batch)
     choice = recommend(rows, budget, context)
     if choice is None:

@@ -26,21 +26,11 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from mlxkv.errors import UserError
-from mlxkv.memory.units import format_bytes
+from mlxkv.memory.held import layer_kv_bytes
+from mlxkv.units import format_bytes
 
 RECORD_FIELDS = ("tokens", "kv_bytes", "active_bytes", "peak_bytes", "cache_bytes", "elapsed_s")
 """The scalar columns of a record; ``kv_bytes_per_layer`` is a list beside them."""
-
-
-def layer_kv_bytes(cache: Sequence[Any]) -> list[int]:
-    """Bytes each layer's cache holds (``nbytes``), 0 for an empty or unsized cache."""
-    sizes = []
-    for layer_cache in cache:
-        try:
-            sizes.append(int(layer_cache.nbytes))
-        except (AttributeError, NotImplementedError, TypeError):
-            sizes.append(0)
-    return sizes
 
 
 def cache_tokens(cache: Sequence[Any]) -> int:
@@ -85,9 +75,11 @@ class MemoryTracker:
         """Track ``cache`` from now on (when it is made after the tracker starts)."""
         self.cache = cache
 
-    def start(self) -> "MemoryTracker":
-        """Reset MLX's peak counter and the clock."""
-        mx.reset_peak_memory()
+    def start(self, reset_peak: bool = True) -> "MemoryTracker":
+        """Start the clock; reset MLX's peak counter unless the caller reports the process's
+        peak itself (``mlxkv generate`` reports the peak since start, load included)."""
+        if reset_peak:
+            mx.reset_peak_memory()
         self._start = time.perf_counter()
         return self
 
@@ -127,11 +119,11 @@ class MemoryTracker:
         save_memory_run(self.run, path)
 
 
-def report_format(path: str | Path) -> str:
+def report_format(path: str | Path, option: str = "--memory-report") -> str:
     """"json" or "csv" from the file name; a one-line UserError otherwise (check before a long run)."""
     suffix = Path(path).suffix.lower()
     if suffix not in (".json", ".csv"):
-        raise UserError(f"cannot tell the report format of {path}; name it .json or .csv")
+        raise UserError(f"cannot tell the format of {option} {path}; name it .json or .csv")
     return suffix[1:]
 
 

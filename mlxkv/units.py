@@ -48,3 +48,25 @@ def format_bytes(n: float | None) -> str:
             return f"{n:.2f} {unit}" if abs(n) < 10 else f"{n:.1f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
+
+
+_TOKENS = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*([kKmM]?)\s*$")
+
+
+def parse_tokens(text: str | int, what: str = "token count", minimum: int = 1) -> int:
+    """``"32768"``, ``"32k"`` (x1024), ``"32,768"`` or ``"1m"`` -> tokens: one rule for every
+    flag and field that takes a number of tokens. A one-line UserError for anything else."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = text
+    else:
+        match = _TOKENS.match(str(text).replace(",", "").replace("_", ""))
+        if not match:
+            raise UserError(f"cannot read the {what} {str(text)!r}; write a number of tokens such as 4096 or 4k")
+        scale = {"": 1, "k": 1024, "m": 1024**2}[match.group(2).lower()]
+        number = float(match.group(1)) * scale
+        if number != int(number):
+            raise UserError(f"the {what} {text!r} is not a whole number of tokens")
+        value = int(number)
+    if value < minimum:
+        raise UserError(f"the {what} must be at least {minimum}, got {text!r}")
+    return value

@@ -1,0 +1,76 @@
+"""mlxkv chat: a multi-turn conversation that keeps its quantized KV cache between turns.
+
+As ``mlx_lm.chat``: type a message, get the answer; 'q' quits, 'r' starts over, 'h' helps.
+Each turn reuses the cache of the conversation so far (only the new message is prefilled)
+and prints a statistics line with the KV cache's size to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mlxkv.cli.common import (
+    add_generation_arguments, add_model_argument, encode_chat, load_model, note, sampling_from_args,
+)
+from mlxkv.cli.kv_args import add_kv_arguments, kv_epilog, request_from_args
+
+COMMANDS = "type a message; 'q' (or Ctrl-D) quits, 'r' resets the conversation, 'h' shows this help"
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "chat",
+        help="chat with a model, keeping the quantized KV cache between turns",
+        description="A multi-turn chat in the terminal (as mlx_lm.chat). Each turn reuses the KV cache of "
+                    "the conversation so far; statistics go to stderr. " + COMMANDS + ".",
+        epilog="Example: mlxkv chat --kv-bits 4 --max-kv 8192\n\n" + kv_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_model_argument(p)
+    add_generation_arguments(p, max_tokens=512)
+    add_kv_arguments(p)
+    p.add_argument("--memory", metavar="SIZE", help="budget for --kv-bits auto, e.g. 8GB")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from mlxkv.engine import Session
+
+    request = request_from_args(args)
+    params = sampling_from_args(args)
+    model, tokenizer, _ = load_model(args)
+    trained = getattr(getattr(model, "args", None), "max_position_embeddings", None) or 8192
+    config = request.resolve(model, context=trained, memory=args.memory, note=note)
+    note(f"KV cache: {config.describe()}")
+    session = Session(model, tokenizer, config, prefill_step_size=args.prefill_step_size)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    messages = list(system)
+    note(COMMANDS)
+    while True:
+        try:
+            text = input(">> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return 0
+        command = text.strip().lower()
+        if command in ("q", "quit", "exit"):
+            return 0
+        if command in ("r", "reset"):
+            messages, _ = list(system), session.reset()
+            note("conversation reset")
+            continue
+        if command in ("h", "help") or not command:
+            note(COMMANDS)
+            continue
+        messages.append({"role": "user", "content": text})
+        answer = []
+        try:
+            for token in session.generate(encode_chat(tokenizer, messages, not args.no_chat_template), params):
+                print(token.text, end="", flush=True)
+                answer.append(token.text)
+        except KeyboardInterrupt:
+            note("answer interrupted")
+        print(flush=True)
+        messages.append({"role": "assistant", "content": "".join(answer)})
+        note(session.stats.summary())
