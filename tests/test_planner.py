@@ -17,10 +17,8 @@ from mlxkv.config import KVConfig
 from mlxkv.errors import UserError
 from mlxkv.loading.tiny import TINY_ARCHS, tiny_config, tiny_model
 from mlxkv.memory.layout import LayerSpec, ModelLayout, layout_from_config, layout_from_model
-from mlxkv.memory.planner import (
-    _mirror, candidate_configs, kv_bytes_per_token, max_context, plan,
-    predict_kv_bytes, predict_layer_bytes, recommend, recommend_config,
-)
+from mlxkv.memory.cache_bytes import kv_bytes_per_token, predict_kv_bytes, predict_layer_bytes
+from mlxkv.memory.planner import candidate_configs, max_context, plan, recommend, recommend_config
 
 # head_dim 64 or 128 so that every group size tiles it
 ARCHS = {
@@ -44,11 +42,16 @@ CONFIGS = {
     "kivi-window-from-40": KVConfig(bits=4, group_size=32, per_channel_keys=True, max_kv=150, quantized_kv_start=40),
     "fp16-window": KVConfig(max_kv=300, sinks=4),
     "q4-from-90": KVConfig(bits=4, quantized_kv_start=90),
+    "h2o": KVConfig(max_kv=120, evict="h2o"),
+    "q4-h2o": KVConfig(bits=4, rotate=True, max_kv=200, evict="h2o", residual=40),
+    "adaptive": KVConfig(adaptive=((30, 8), (100, 4))),
+    "k3v2-kivi-rot": KVConfig.from_name("k3v2-kivi-rot"),
+    "mxfp8": KVConfig.from_name("mxfp8"),
     "mlxlm-fp16": KVConfig.from_name("mlxlm-fp16"),
     "mlxlm-q4": KVConfig.from_name("mlxlm-q4"),
     "mlxlm-window": KVConfig(backend="mlx-lm", max_kv=100),
 }
-CORE = ("fp16", "q4", "q4-kivi", "q4-window", "mlxlm-q4")
+CORE = ("fp16", "q4", "q4-kivi", "q4-window", "q4-h2o", "mlxlm-q4")
 """What every architecture runs; llama (GQA) and gemma3 (sliding windows) run every config."""
 SCHEDULES = {
     "prefill-decode": [250] + [1] * 8,  # decode crosses a 256-token growth step
@@ -111,30 +114,21 @@ def test_batch_and_dtype(dtype, config_name):
     assert predict_layer_bytes(config, layout, chunks=chunks, dtype_bytes=dtype.size, batch=2) == measured(cache, layout)
 
 
-@pytest.mark.parametrize("config_name", ["q4-window", "mlxlm-window", "kivi-window-from-40"])
+@pytest.mark.parametrize("config_name", ["q4-window", "mlxlm-window", "kivi-window-from-40", "h2o", "q4-h2o",
+                                         "adaptive", "q4-kivi", "q4-from-90"])
 def test_one_token_at_a_time(config_name):
     """``tokens=`` (the closed form for tokens arriving one by one) against a real decode."""
     model = tiny_model("llama", head_dim=64)
     layout = layout_from_model(model)
     config = CONFIGS[config_name]
     cache = mlxkv.make_kv_cache(model, config)
-    for n in range(1, 121):
+    for n in range(1, 301):
         run_chunks(model, cache, [1])
-        if n in (1, 31, 33, 41, 97, 120):
+        if n in (1, 31, 33, 41, 97, 120, 121, 257, 300):
             assert predict_layer_bytes(config, layout, n, dtype_bytes=4) == measured(cache, layout), n
-
-
-def test_fill_is_feeding_ones():
-    """The closed form equals the step-by-step mirror for every config, across growth steps and windows."""
-    layers = [LayerSpec(2, 64, 64), LayerSpec(2, 64, 64, window=8), LayerSpec(8, 128, 128, window=600, keep=4)]
-    configs = [*CONFIGS.values(), KVConfig(bits=4, max_kv=1000, sinks=0)]
-    for config in configs:
-        for layer in layers:
-            stepped, closed = _mirror(config, layer, 2, 1), _mirror(config, layer, 2, 1)
-            for tokens in range(1, 1300):
-                stepped.feed(1)
-                closed.fill(tokens)
-                assert (stepped.allocated_bytes, stepped.filled_bytes) == (closed.allocated_bytes, closed.filled_bytes)
+            if config.backend == "mlxkv":
+                filled = predict_layer_bytes(config, layout, n, dtype_bytes=4, allocated=False)
+                assert filled == [c.filled_nbytes if s else 0 for c, s in zip(cache, layout.layers)], n
 
 
 LLAMA3_8B = {
@@ -254,3 +248,21 @@ def test_recommend_config_for_a_loaded_model_and_a_config():
     with pytest.raises(UserError, match="cannot read the memory budget"):
         recommend_config(tiny_config("llama"), 100, "8 parsecs")
     assert recommend_config(LLAMA3_8B, 8192, "24GB")[0] == "fp16"
+
+
+@pytest.mark.parametrize("store", [
+    ("dense", None, False, "affine"), ("q4", 4, False, "affine"), ("q3", 3, False, "affine"),
+    ("q4 per-channel", 4, True, "affine"), ("mxfp4", 4, False, "mxfp4"), ("nvfp4", 4, False, "nvfp4"),
+    ("mxfp8", 8, False, "mxfp8"),
+], ids=lambda s: s[0])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16])
+def test_slot_bytes_price_what_the_buffers_hold(store, dtype):
+    """One count for the planner and the allocator: nbytes == capacity x slot_bytes."""
+    from mlxkv.caches.storage import make_store
+    from mlxkv.config import MICROSCALING
+
+    _, bits, per_channel, mode = store
+    group = MICROSCALING[mode][1] if mode in MICROSCALING else 64
+    s = make_store(bits, group, None, per_channel=per_channel, mode=mode)
+    s.write(0, mx.ones((2, 3, 64 * 5, 128), dtype=dtype))
+    assert s.capacity == 512 and s.nbytes == s.capacity * s.slot_bytes(2 * 3, 128, dtype.size)

@@ -8,7 +8,7 @@ import mlx.nn as nn
 from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache
 
 from mlxkv.attention import hook
-from mlxkv.caches.cache import HeavyHitterCache, QuantizedCache, SinkWindowCache
+from mlxkv.caches.kinds import HeavyHitterCache, QuantizedCache, SinkWindowCache
 from mlxkv.config import KVConfig
 from mlxkv.errors import UserError
 

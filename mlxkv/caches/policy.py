@@ -8,22 +8,71 @@ positions rather than slot order; that is what lets a rotating window be quantiz
 from __future__ import annotations
 
 import heapq
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import mlx.core as mx
 
+if TYPE_CHECKING:
+    from mlxkv.caches.book import ChunkPlan
+
 Run = tuple[int, int, int]
-"""(first slot, first row of the source chunk, length): one contiguous write."""
+"""(first slot, first row of the leaving tokens, length): one contiguous write."""
 
 
-class KeepAll:
+class Policy(Protocol):
+    """Which tokens a cache keeps, in which store slot, and which of them a query may see.
+
+    ``sinks``: first tokens kept in the 16-bit sink tier; ``capacity``: store slots (None:
+    unbounded); ``window``: tokens kept besides the sinks (bounded policies); ``scored``: placement
+    ranks tokens by the attention they received (H2O), so the cache reports attention weights.
+    """
+
+    sinks: int
+    capacity: int | None
+    window: int
+    bounded: bool
+    scored: bool
+
+    def params(self) -> dict[str, Any]: ...
+    def slot_of(self, pos: int) -> int: ...
+    def placements(self, plan: ChunkPlan) -> list[Run]: ...
+    def slot_positions(self, flushed: int) -> mx.array | None: ...
+    def visible(self, q_pos: mx.array, k_pos: mx.array) -> mx.array: ...
+    def limits_view(self) -> bool: ...
+    def overwrites(self, flushed: int, n: int) -> bool: ...
+    def can_trim(self, flushed: int) -> bool: ...
+    # scored policies only: what attention told them, and their state for saving
+    def observe(self, history: mx.array | None, exact: mx.array) -> None: ...
+    def trim_recent(self, keep: int) -> None: ...
+    def state(self) -> dict[str, mx.array]: ...
+    def load_state(self, state: dict[str, mx.array]) -> None: ...
+
+
+class _Unscored:
+    """What a policy that ignores attention does with it: nothing."""
+
+    scored = False
+
+    def observe(self, history: mx.array | None, exact: mx.array) -> None:
+        return None
+
+    def trim_recent(self, keep: int) -> None:
+        return None
+
+    def state(self) -> dict[str, mx.array]:
+        return {}
+
+    def load_state(self, state: dict[str, mx.array]) -> None:
+        return None
+
+
+class KeepAll(_Unscored):
     """Every token stays. The first ``sinks`` tokens live in the cache's 16-bit sink tier
     (attention sinks, kept exact); the token at position p >= sinks lives in slot p - sinks."""
 
     bounded = False
     capacity: int | None = None
-    scored = False
-    """Whether placement ranks tokens by the attention they received (see HeavyHitters)."""
+    window = 0
 
     def __init__(self, sinks: int = 0) -> None:
         self.sinks = sinks
@@ -34,9 +83,10 @@ class KeepAll:
     def slot_of(self, pos: int) -> int:
         return pos - self.sinks
 
-    def placements(self, start: int, n: int, scores: mx.array | None = None) -> list[Run]:
-        """Runs for positions ``start .. start+n`` (all past the sinks)."""
-        return [(start - self.sinks, 0, n)] if n > 0 else []
+    def placements(self, plan: ChunkPlan) -> list[Run]:
+        """Runs for the tokens that leave the recent tier for the stores (all past the sinks)."""
+        n = plan.to_store
+        return [(plan.store_start - self.sinks, 0, n)] if n > 0 else []
 
     def slot_positions(self, flushed: int) -> mx.array | None:
         """None: slot i holds position ``sinks + i`` (the caller reads only the filled slots)."""
@@ -56,7 +106,7 @@ class KeepAll:
         return True
 
 
-class SinkWindow:
+class SinkWindow(_Unscored):
     """StreamingLLM: the first ``sinks`` tokens plus the most recent ``window`` tokens.
 
     A query at position q sees key k when ``k <= q`` and (``k < sinks`` or ``q - k < window``).
@@ -69,7 +119,6 @@ class SinkWindow:
     """
 
     bounded = True
-    scored = False
 
     def __init__(self, sinks: int, window: int, residual: int = 0, unit: int = 1) -> None:
         if window - residual <= 0:
@@ -87,8 +136,9 @@ class SinkWindow:
     def slot_of(self, pos: int) -> int:
         return (pos - self.sinks) % self.ring
 
-    def placements(self, start: int, n: int, scores: mx.array | None = None) -> list[Run]:
-        """Runs for positions ``start .. start+n`` (all past the sinks)."""
+    def placements(self, plan: ChunkPlan) -> list[Run]:
+        """Runs for the tokens that leave the recent tier for the ring (all past the sinks)."""
+        start, n = plan.store_start, plan.to_store
         end = start + n
         runs: list[Run] = []
         # Tokens that a later token of the same chunk would overwrite are never written.
@@ -126,12 +176,12 @@ class HeavyHitters:
     """H2O: the sinks, the recent tier and the ``capacity`` older tokens that received the
     most attention (heavy hitters); a bounded cache that keeps what attention uses.
 
-    Slots are not positional: ``positions`` holds the position in each slot (-1 empty) and
-    ``scores`` the attention each slot's token accumulated (summed over batch, heads and
-    queries), added by the cache after every step. Tokens arrive from the recent tier with
-    the scores they gathered there. The sinks (16-bit sink tier) and the recent tier never
-    enter the store, so they are never evicted. ``residual``: the recent tier's size, for
-    ``window`` (tokens kept besides the sinks).
+    The policy owns every score: ``slot_scores`` for the tokens in the store slots (whose
+    positions are ``slot_positions``, -1 empty) and ``recent_scores`` for the recent tier, each
+    the attention a token accumulated (summed over batch, heads and queries) since it arrived.
+    Tokens leave the recent tier with the scores they gathered there. The sinks (16-bit sink
+    tier) and the recent tier never enter the store, so they are never evicted. ``residual``:
+    the recent tier's size, for ``window`` (tokens kept besides the sinks).
     """
 
     bounded = True
@@ -148,6 +198,7 @@ class HeavyHitters:
         self.window = capacity + residual
         self.positions = mx.full((capacity,), -1, dtype=mx.int32)
         self.scores = mx.zeros((capacity,), dtype=mx.float32)
+        self.recent_scores = mx.zeros((0,), dtype=mx.float32)
 
     def params(self) -> dict[str, Any]:
         return {"sinks": self.sinks, "capacity": self.capacity, "residual": self.residual}
@@ -159,10 +210,18 @@ class HeavyHitters:
     def slot_of(self, pos: int) -> int:
         return self.positions.tolist().index(pos)
 
-    def placements(self, start: int, n: int, scores: mx.array | None = None) -> list[Run]:
-        """Place positions ``start .. start+n`` (scored ``scores``) and record them: free slots
-        first; then each token evicts the lowest-scored stored token (the oldest among equals)
-        if that scored less, else the token is dropped. Only each slot's final token is written."""
+    def placements(self, plan: ChunkPlan) -> list[Run]:
+        """Place the tokens leaving the recent tier for the store, with the scores they gathered
+        there, and record them: free slots first; then each token evicts the lowest-scored stored
+        token (the oldest among equals) if that scored less, else the token is dropped. Only each
+        slot's final token is written. The recent tier's scores then move on with the chunk."""
+        mx.eval(self.scores, self.recent_scores)  # last step's attention: keeps the lazy graph one step long
+        scores = self.recent_scores[plan.to_sinks : plan.to_sinks + plan.to_store]
+        runs = self._place(plan.store_start, plan.to_store, scores)
+        self.recent_scores = mx.concatenate([self.recent_scores[plan.leaving:], mx.zeros((plan.n,), dtype=mx.float32)])
+        return runs
+
+    def _place(self, start: int, n: int, scores: mx.array) -> list[Run]:
         if n == 0:
             return []
         filled = self._filled(start)
@@ -178,7 +237,7 @@ class HeavyHitters:
         positions, slot_scores, incoming = self.positions.tolist(), self.scores.tolist(), scores.tolist()
         heap = [(slot_scores[s], positions[s], s) for s in range(filled)]
         heapq.heapify(heap)
-        written: dict[int, int] = {}  # slot -> row of the chunk
+        written: dict[int, int] = {}  # slot -> row of the leaving tokens
         for row, score in enumerate(incoming):
             if filled < self.capacity:
                 slot, filled = filled, filled + 1
@@ -212,9 +271,23 @@ class HeavyHitters:
         self.scores = mx.where(here, score.astype(mx.float32), self.scores)
         return [(slot, 0, 1)]
 
-    def observe(self, weights: mx.array) -> None:
-        """Add one step's attention weights of the first ``weights.size`` slots (lazily)."""
-        self.scores = self.scores + mx.pad(weights, (0, self.capacity - weights.shape[0]))
+    def observe(self, history: mx.array | None, exact: mx.array) -> None:
+        """Add one step's attention (lazily): ``history`` over the filled slots, ``exact`` over the
+        exact segment, whose tail is the recent tier (the sinks are kept whatever they score)."""
+        if history is not None:
+            self.scores = self.scores + mx.pad(history, (0, self.capacity - history.shape[0]))
+        n_recent = self.recent_scores.shape[0]
+        self.recent_scores = self.recent_scores + exact[exact.shape[0] - n_recent:]
+
+    def trim_recent(self, keep: int) -> None:
+        self.recent_scores = self.recent_scores[:keep]
+
+    def state(self) -> dict[str, mx.array]:
+        return {"slot_positions": self.positions, "slot_scores": self.scores, "recent_scores": self.recent_scores}
+
+    def load_state(self, state: dict[str, mx.array]) -> None:
+        self.positions, self.scores = state["slot_positions"], state["slot_scores"]
+        self.recent_scores = state["recent_scores"]
 
     def slot_positions(self, flushed: int) -> mx.array:
         return self.positions[: self._filled(flushed)]
@@ -228,9 +301,6 @@ class HeavyHitters:
     def can_trim(self, flushed: int) -> bool:
         """Only while nothing was evicted or dropped: such a token cannot come back."""
         return flushed - self.sinks <= self.capacity
-
-
-Policy = KeepAll | SinkWindow | HeavyHitters
 
 
 def policy_from_params(params: dict[str, Any]) -> Policy:

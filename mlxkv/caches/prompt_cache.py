@@ -13,7 +13,8 @@ from typing import Any
 
 import mlx_lm.models.cache as mlx_lm_cache
 
-from mlxkv.caches.cache import ComposedCache, HeavyHitterCache, QuantizedCache, SinkWindowCache
+from mlxkv.caches.cache import ComposedCache
+from mlxkv.caches.kinds import HeavyHitterCache, QuantizedCache, SinkWindowCache
 from mlxkv.errors import UserError
 
 _OURS = (ComposedCache, QuantizedCache, SinkWindowCache, HeavyHitterCache)

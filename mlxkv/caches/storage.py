@@ -18,7 +18,7 @@ Parts = tuple[mx.array, ...]
 class TensorStore:
     """Slots of one tensor, grown in steps of ``step`` tokens up to ``max_slots``."""
 
-    step = 256
+    step = 256  # mlxkv.caches.book.STORE_STEP
     lossy = False
 
     def __init__(self, max_slots: int | None = None) -> None:
@@ -63,13 +63,12 @@ class TensorStore:
         return 0 if self.parts is None else self.parts[0].shape[self.slot_axis]
 
     def _reserve(self, slots: int, encoded: Parts) -> None:
-        """Grow every part to hold ``slots`` tokens, in whole steps, never past max_slots."""
+        """Grow every part to hold ``slots`` tokens, by the book's rule (``grown_capacity``)."""
+        from mlxkv.caches.book import grown_capacity
+
         if slots <= self.capacity:
             return
-        target = -(-slots // self.step) * self.step
-        if self.max_slots is not None:
-            target = min(max(target, slots), self.max_slots)
-        grow = target - self.capacity
+        grow = grown_capacity(self.capacity, slots, self.step, self.max_slots) - self.capacity
 
         def zeros(like: mx.array, part: int) -> mx.array:
             shape = list(like.shape)
@@ -109,6 +108,11 @@ class TensorStore:
         """Bytes allocated (capacity, not only the filled slots): what memory really holds."""
         return 0 if self.parts is None else sum(p.nbytes for p in self.parts)
 
+    def slot_bytes(self, heads: int, dim: int, dtype_bytes: int) -> int:
+        """Bytes one token slot takes for ``heads`` heads of ``dim`` elements: the one count the
+        memory planner and ``nbytes`` share (``nbytes == capacity * slot_bytes``, by test)."""
+        raise NotImplementedError
+
     def bits_per_element(self, head_dim: int) -> float:
         """Stored bits per element, scales and biases included."""
         if self.parts is None:
@@ -121,6 +125,9 @@ class DenseStore(TensorStore):
 
     def encode(self, x: mx.array) -> Parts:
         return (x,)
+
+    def slot_bytes(self, heads: int, dim: int, dtype_bytes: int) -> int:
+        return heads * dim * dtype_bytes
 
     def decode(self, parts: Parts) -> mx.array:
         return parts[0].astype(mx.float32)
@@ -154,6 +161,12 @@ class QuantizedStore(TensorStore):
 
     def _format(self) -> dict[str, Any]:
         return {"group_size": self.group_size, "bits": self.bits, "mode": self.mode}
+
+    def slot_bytes(self, heads: int, dim: int, dtype_bytes: int) -> int:
+        """Packed bits per element plus, per group, a 16-bit scale and bias (affine) or one
+        8-bit scale (microscaling). Keys per channel: the same, per channel per group of tokens."""
+        per_group = 2 * 2 if self.mode == "affine" else 1
+        return heads * (dim * self.bits // 8 + per_group * dim // self.group_size)
 
     def encode(self, x: mx.array) -> Parts:
         if self.mode != "affine":

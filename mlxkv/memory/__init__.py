@@ -5,10 +5,8 @@
 
 from mlxkv.memory.machine_memory import DeviceMemory, device_memory
 from mlxkv.memory.layout import LayerSpec, ModelLayout, layout_from_config, layout_from_model
-from mlxkv.memory.planner import (
-    PlanRow, candidate_configs, kv_bytes_per_token, max_context, plan,
-    predict_kv_bytes, predict_layer_bytes, recommend, recommend_config,
-)
+from mlxkv.memory.cache_bytes import kv_bytes_per_token, predict_kv_bytes, predict_layer_bytes
+from mlxkv.memory.planner import PlanRow, candidate_configs, max_context, plan, recommend, recommend_config
 from mlxkv.memory.held import KVHeld, kv_held, layer_kv_bytes
 from mlxkv.memory.plot import plot_memory_runs
 from mlxkv.memory.tracker import (
