@@ -16,6 +16,10 @@ from mlxkv.caches.storage import DenseStore
 
 
 def _as_bool_mask(mask: Mask, q_len: int, k_len: int) -> mx.array | None:
+    """A mask that broadcasts over scores [B, kv_heads, rep, L, T]: [L, T] for every row, or
+    [B, L, T] (a batch of sequences, each with its own visible keys)."""
+    if isinstance(mask, mx.array) and mask.ndim == 3:
+        return mask[:, None, None]
     if mask is None or isinstance(mask, mx.array):
         return mask
     if mask == "causal":
@@ -50,8 +54,9 @@ def _attend(
         and type(only.key_store) is DenseStore
         and type(only.value_store) is DenseStore
     ):
+        mask = only.mask[:, None] if isinstance(only.mask, mx.array) and only.mask.ndim == 3 else only.mask
         return mx.fast.scaled_dot_product_attention(
-            queries, only.keys[0], only.values[0], scale=scale, mask=only.mask, sinks=sinks
+            queries, only.keys[0], only.values[0], scale=scale, mask=mask, sinks=sinks
         )
 
     B, n_q_heads, L, D = queries.shape
@@ -79,9 +84,9 @@ def _attend(
         weights = mx.softmax(scores, axis=-1, precise=True)
     weights = weights.reshape(B, n_kv_heads, n_rep * L, -1)
     if observer is not None:
-        totals = weights.astype(mx.float32).sum(axis=(0, 1, 2))
+        totals = weights.astype(mx.float32).sum(axis=(1, 2))  # [B, T]: each row's own attention
         ends = list(itertools.accumulate(seg.length for seg in segments))
-        observer([totals[end - seg.length : end] for seg, end in zip(segments, ends)])
+        observer([totals[:, end - seg.length : end] for seg, end in zip(segments, ends)])
 
     out = None
     start = 0

@@ -42,8 +42,8 @@ class Segment:
 class KVView:
     """``rotated``: keys and values were stored Hadamard-rotated; attention rotates the
     queries the same way and rotates the output back. ``observer``: called by attention with
-    each segment's attention weights, summed over batch, heads and queries (one float32
-    array per segment, in order): how a cache that evicts by attention learns the scores."""
+    each segment's attention weights, summed over heads and queries, per batch row (one
+    float32 array [B, T] per segment, in order): how a cache that evicts by attention learns the scores."""
 
     segments: list[Segment]
     rotated: bool = False

@@ -61,6 +61,7 @@ class ComposedCache:
         self.sink_keys: mx.array | None = None  # positions [0, min(flushed, sinks))
         self.sink_values: mx.array | None = None
         self.tier_dtype = mx.float16  # of the 16-bit tiers; set from the first chunk
+        self.dtype = mx.float32  # what keys and values arrive in (the model's compute dtype)
         self.key_store, self.value_store = self._make_stores()
 
     # -- the book's numbers, read-only ---------------------------------------------------------
@@ -84,6 +85,7 @@ class ComposedCache:
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[KVView, KVView]:
         """Store a chunk ([B, H, n, D], rope applied) and return what attention must see."""
         if self.book.offset == 0:
+            self.dtype = keys.dtype
             self.tier_dtype = tier_dtype(keys.dtype, self.config.quantized)
             if self.config.quantized:
                 self.config.precision.check_head_dim(keys.shape[-1])
@@ -139,9 +141,10 @@ class ComposedCache:
         return KVView([s for s in segments if s is not None], rotated=self.config.rotate, observer=observer)
 
     def _observe(self, weights: list[mx.array]) -> None:
-        """Hand a step's attention to the policy (H2O): the history's, and the exact segment's."""
+        """Hand a step's attention to the policy (H2O): the history's, and the exact segment's,
+        summed over the batch rows (one policy decides for all of them)."""
         *history, exact = weights
-        self.policy.observe(history[0] if history else None, exact)
+        self.policy.observe(history[0].sum(axis=0) if history else None, exact.sum(axis=0))
 
     def _history(self, q_first: int, n_queries: int, flushed: int, hide_from: int,
                  snapshot: bool = False) -> Segment | None:
@@ -271,6 +274,7 @@ class ComposedCache:
         return json.dumps({
             "config": self.config.to_dict(), "policy": self.policy.params(), "residual": book.residual,
             "offset": book.offset, "flushed": book.flushed, "stage": book.stage,
+            "dtype": str(self.dtype).removeprefix("mlx.core."),
             "key_store": [type(self.key_store).__name__, self.key_store.params()],
             "value_store": [type(self.value_store).__name__, self.value_store.params()],
         })
@@ -306,6 +310,7 @@ class ComposedCache:
         self.sink_values = _none_if_empty(state.get("sink_values"))
         tiers = [t for t in (self.recent_keys, self.sink_keys) if t is not None]
         self.tier_dtype = tiers[0].dtype if tiers else mx.float16
+        self.dtype = getattr(mx, meta.get("dtype", "float32"))
         self.policy.load_state(state)
 
     @classmethod

@@ -52,8 +52,8 @@ class TensorStore:
         """Entries along ``slot_axis`` that ``tokens`` tokens take in part number ``part``."""
         return tokens
 
-    def _index(self, part: int, start: int, end: int) -> tuple:
-        index = [slice(None)] * 4
+    def _index(self, part: int, start: int, end: int, rows: slice = slice(None)) -> tuple:
+        index = [rows, slice(None), slice(None), slice(None)]
         index[self.slot_axis] = slice(self._span(part, start), self._span(part, end))
         return tuple(index)
 
@@ -82,15 +82,43 @@ class TensorStore:
                 mx.concatenate([p, zeros(p, i)], axis=self.slot_axis) for i, p in enumerate(self.parts)
             )
 
-    def write(self, slot: int, x: mx.array) -> None:
-        """Encode ``x`` ([B, H, n, D]) into slots ``slot .. slot+n`` (in place when possible)."""
+    def write(self, slot: int, x: mx.array, rows: slice = slice(None)) -> None:
+        """Encode ``x`` ([B, H, n, D]) into slots ``slot .. slot+n`` of the batch ``rows`` (all
+        by default; in place when possible)."""
         end = slot + x.shape[2]
         if slot % self.token_unit or end % self.token_unit:
             raise ValueError(f"{type(self).__name__} writes whole groups of {self.token_unit} tokens")
         encoded = self.encode(x)
         self._reserve(end, encoded)
         for i, (part, enc) in enumerate(zip(self.parts, encoded)):
-            part[self._index(i, slot, end)] = enc
+            part[self._index(i, slot, end, rows)] = enc
+
+    def write_tokens(self, slots: mx.array, x: mx.array, where: mx.array) -> None:
+        """One token per batch row: ``x[b]`` ([B, H, 1, D]) into slot ``slots[b]`` where ``where[b]``
+        (the other rows keep what they hold). For stores written a token at a time, into
+        existing capacity: a batch's decode step, without a Python loop over rows."""
+        encoded = self.encode(x)
+        keep = where[:, None, None, None]
+        parts = []
+        for part, enc in zip(self.parts, encoded):
+            index = mx.broadcast_to(slots.astype(mx.int32)[:, None, None, None], enc.shape)
+            old = mx.take_along_axis(part, index, axis=2)
+            parts.append(mx.put_along_axis(part, index, mx.where(keep, enc, old), axis=2))
+        self.parts = tuple(parts)
+
+    def with_capacity(self, parts: Parts, capacity: int) -> Parts:
+        """``parts`` grown with zeros (or cut) to ``capacity`` tokens along the slot axis."""
+        resized = []
+        for i, p in enumerate(parts):
+            have, want = p.shape[self.slot_axis], self._span(i, capacity)
+            if want < have:
+                p = p[self._index(i, 0, capacity)]
+            elif want > have:
+                shape = list(p.shape)
+                shape[self.slot_axis] = want - have
+                p = mx.concatenate([p, mx.zeros(shape, dtype=p.dtype)], axis=self.slot_axis)
+            resized.append(p)
+        return tuple(resized)
 
     def read(self, n: int, snapshot: bool = False) -> Parts:
         """The first ``n`` slots, packed as stored. ``snapshot``: unaffected by later writes
@@ -99,9 +127,9 @@ class TensorStore:
             return self.parts
         return self.read_range(0, n)
 
-    def read_range(self, start: int, end: int) -> Parts:
+    def read_range(self, start: int, end: int, rows: slice = slice(None)) -> Parts:
         """Slots ``start .. end``, packed as stored (whole groups for per-channel stores)."""
-        return tuple(p[self._index(i, start, end)] for i, p in enumerate(self.parts))
+        return tuple(p[self._index(i, start, end, rows)] for i, p in enumerate(self.parts))
 
     @property
     def nbytes(self) -> int:
