@@ -7,6 +7,7 @@ the Python API and the server's request fields (``temperature``, ``top_p``, ``ma
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -51,12 +52,6 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
-    def sampler(self) -> Callable[[mx.array], mx.array]:
-        """log-probabilities [B, vocab] -> token ids [B] (mlx-lm's samplers)."""
-        from mlx_lm.sample_utils import make_sampler
-
-        return make_sampler(temp=self.temperature, top_p=0.0 if self.top_p >= 1 else self.top_p)
-
 
 def _number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
@@ -87,3 +82,24 @@ class StopMatcher:
     def flush(self) -> str:
         out, self.pending = self.pending, ""
         return out
+
+
+class RowSampler:
+    """Sampling for one sequence of a batch: its own temperature, nucleus and random stream, so
+    a seeded answer is the same whatever else shares the batch."""
+
+    def __init__(self, params: SamplingParams) -> None:
+        self.params = params
+        seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(4), "little")
+        self.key = mx.random.key(seed)
+
+    def __call__(self, logprobs: mx.array) -> mx.array:
+        """log-probabilities [vocab] -> a token id (scalar array, lazy)."""
+        if self.params.greedy:
+            return mx.argmax(logprobs, axis=-1)
+        if self.params.top_p < 1:
+            from mlx_lm.sample_utils import apply_top_p
+
+            logprobs = apply_top_p(logprobs[None], self.params.top_p)[0]
+        self.key, key = mx.random.split(self.key)
+        return mx.random.categorical(logprobs * (1 / self.params.temperature), key=key)

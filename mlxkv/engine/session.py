@@ -17,7 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlxkv.config import KVConfig
-from mlxkv.engine.sampling import SamplingParams, StopMatcher
+from mlxkv.engine.sampling import RowSampler, SamplingParams, StopMatcher
 from mlxkv.engine.stats import GenerationStats
 from mlxkv.memory.held import kv_held
 from mlxkv.stepping import prefill
@@ -112,21 +112,19 @@ class Session:
         """Sample from ``logits`` (the last fed token's), then feed each token back, up to
         ``params.max_tokens``, an end-of-sequence token or a stop string."""
         stats = self.stats
-        if params.seed is not None:
-            mx.random.seed(params.seed)
-        sampler = params.sampler()
+        sampler = RowSampler(params)
         eos = set(getattr(self.tokenizer, "eos_token_ids", None) or [self.tokenizer.eos_token_id])
         detokenizer = self.tokenizer.detokenizer
         detokenizer.reset()
         stops = StopMatcher(params.stop)
         try:
             start = time.perf_counter()
-            token = sampler(_log_probs(logits)[None])[0]
+            token = sampler(_log_probs(logits))
             for step in range(params.max_tokens):
                 last = step + 1 == params.max_tokens
                 if not last:  # the next step runs while this token is handed out
                     next_logits = self.model(token.reshape(1, 1), cache=self.cache)[0, -1]
-                    next_token = sampler(_log_probs(next_logits)[None])[0]
+                    next_token = sampler(_log_probs(next_logits))
                     mx.async_eval(next_token)
                 token_id = int(token.item())
                 if not last:
