@@ -54,7 +54,8 @@ def parse_pairs(text: str, what: str, example: str) -> tuple[tuple[int, int], ..
     for item in filter(None, (part.strip() for part in re.split(r"[,/]", text))):
         match = _PAIR.match(item)
         if not match:
-            raise UserError(f"bad {what} entry {item!r}: use pairs such as '{example}'")
+            inner = example.replace(":", "@").replace(",", "/")
+            raise UserError(f"bad {what} entry {item!r}: use pairs such as '{example}' (in a spec string: {inner})")
         left = match.group(1)
         first = parse_tokens(left, what, minimum=0) if left[-1] in "kK" else int(left)
         pairs.append((first, int(match.group(2))))
