@@ -26,7 +26,7 @@ from mlxkv.attention.hook import scaled_dot_product_attention
 from mlxkv.bench.runner import add_ratios, paired_ratio, resolve_configs
 from mlxkv.caches.factory import model_head_dim
 from mlxkv.config import KVConfig
-from mlxkv.errors import UserError
+from mlxkv.errors import UserError, at_least
 from mlxkv.eval.configs import CacheSpec
 from mlxkv.memory.held import bits_per_element
 
@@ -122,8 +122,7 @@ def measure_attention(
     ``decode_tps_vs_baseline`` against mlx-lm's cache with the same bits and
     ``decode_tps_vs_fp16`` (see ``runner.add_ratios``)."""
     specs = resolve_configs(configs)
-    if rounds < 1:
-        raise UserError(f"--rounds must be at least 1, got {rounds}")
+    at_least(rounds, 1, "rounds")
     if chunk < 1 or any(n < 1 for n in contexts):
         raise UserError("contexts and the fill chunk must be at least 1 token")
     heads, kv_heads, head_dim = _shape(model)

@@ -22,7 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlxkv.config import KVConfig
-from mlxkv.errors import UserError
+from mlxkv.errors import UserError, at_least
 from mlxkv.eval.configs import CacheSpec, parse_specs
 from mlxkv.memory.held import kv_held
 from mlxkv.memory.tracker import model_weights_bytes
@@ -59,9 +59,8 @@ def check_contexts(model: nn.Module, contexts: Sequence[int], gen_tokens: int) -
     """Raise UserError for contexts no run can have; return warnings for those that only
     decode past the model's trained length (harmless for speed and memory)."""
     if not contexts:
-        raise UserError("no contexts given; pass e.g. --contexts 1024,4096")
-    if gen_tokens < 1:
-        raise UserError(f"--gen-tokens must be at least 1, got {gen_tokens}")
+        raise UserError("no contexts given; pass e.g. contexts 1024,4096")
+    at_least(gen_tokens, 1, "gen_tokens")
     limit = max_context(model)
     warnings = []
     for n in contexts:
@@ -152,10 +151,8 @@ def run_bench(
     """Measure every config at every context, ``trials`` times, interleaved; one row per
     (config, context) with medians, spreads (min/max), memory and ratios (see ``add_ratios``)."""
     specs = resolve_configs(configs)
-    if trials < 1:
-        raise UserError(f"--trials must be at least 1, got {trials}")
-    if chunk_size < 1:
-        raise UserError(f"--prefill-chunk must be at least 1, got {chunk_size}")
+    at_least(trials, 1, "trials")
+    at_least(chunk_size, 1, "chunk_size")
     for warning in check_contexts(model, contexts, gen_tokens):
         print(f"mlxkv: warning: {warning}", file=sys.stderr)
     contexts = list(dict.fromkeys(contexts))

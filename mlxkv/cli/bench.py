@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from mlxkv.bench.runner import DEFAULT_CONFIGS, DEFAULT_CONTEXTS, DEFAULT_PREFILL_CHUNK, PROMPT_NOTE
-from mlxkv.cli.common import token_list_arg
+from mlxkv.cli.common import count_arg, token_list_arg
 from mlxkv.cli.kv_args import add_kv_arguments, kv_epilog, specs_from_args
 from mlxkv.errors import UserError
 from mlxkv.report import check_output_path
@@ -71,10 +71,11 @@ def add_bench_arguments(p: argparse.ArgumentParser, contexts: Sequence[int] = DE
     p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), metavar="SPEC,SPEC,...",
                    help="KV configs, listed below, each with optional field overrides such as q4:residual=64 "
                         f"(default {','.join(DEFAULT_CONFIGS)})")
-    p.add_argument("--gen-tokens", type=int, default=32, metavar="N",
+    p.add_argument("--gen-tokens", type=count_arg("--gen-tokens"), default=32, metavar="N",
                    help="greedy decode steps timed after each prefill (default 32)")
-    p.add_argument("--trials", type=int, default=3, metavar="N", help="repeats of every run; medians are reported (default 3)")
-    p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK, metavar="N",
+    p.add_argument("--trials", type=count_arg("--trials"), default=3, metavar="N", help="repeats of every run; medians are reported (default 3)")
+    p.add_argument("--prefill-step-size", "--prefill-chunk", dest="prefill_chunk", type=count_arg("--prefill-step-size"),
+                   default=DEFAULT_PREFILL_CHUNK, metavar="N",
                    help=f"prompt tokens per forward pass, the same for every config (default {DEFAULT_PREFILL_CHUNK}; "
                         "mlx-lm's generate uses 2048)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic prompt (default 0)")
@@ -141,8 +142,6 @@ def check_arguments(args: argparse.Namespace) -> None:
 
     args.configs = specs_from_args(args, args.configs)
     resolve_configs(args.configs)
-    if args.trials < 1:
-        raise UserError(f"--trials must be at least 1, got {args.trials}")
     for path, option in ((args.json, "--json"), (args.markdown, "--markdown"), (args.plot, "--plot")):
         check_output_path(path, option)
     if args.plot:

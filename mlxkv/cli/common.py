@@ -46,6 +46,20 @@ def tokens_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def count_arg(flag: str, minimum: int = 1):
+    """argparse type for a count such as --trials: a whole number >= ``minimum`` (errors.at_least)."""
+    from mlxkv.errors import at_least
+
+    def parse(text: str) -> int:
+        try:
+            return at_least(int(text), minimum, flag)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e) if isinstance(e, UserError) else
+                                             f"{flag} takes a whole number, got {text!r}") from None
+
+    return parse
+
+
 def token_list_arg(text: str) -> list[int]:
     """argparse type for token counts: '1024,4k,8k'."""
     values = [tokens_arg(part) for part in text.split(",") if part.strip()]

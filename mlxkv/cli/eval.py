@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from mlxkv.cli.common import MODEL_HELP, token_list_arg, tokens_arg
+from mlxkv.cli.common import MODEL_HELP, count_arg, token_list_arg
 from mlxkv.cli.kv_args import add_kv_arguments, kv_epilog, specs_from_args
 from mlxkv.errors import UserError
 
@@ -100,9 +100,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     _common(k, KLD_CONFIGS)
     k.add_argument("--text", metavar="FILE", help="a UTF-8 text file (default: Alice's Adventures in "
                    "Wonderland, public domain, bundled with mlxkv)")
-    k.add_argument("--tokens", type=tokens_arg, default=DEFAULT_TOKENS, metavar="N",
+    k.add_argument("--tokens", type=count_arg("--tokens", 2), default=DEFAULT_TOKENS, metavar="N",
                    help=f"tokens of the text to run (the first N; default {DEFAULT_TOKENS})")
-    k.add_argument("--chunk", type=int, default=KLD_CHUNK, metavar="C",
+    k.add_argument("--chunk", type=count_arg("--chunk"), default=KLD_CHUNK, metavar="C",
                    help=f"tokens per forward pass (default {KLD_CHUNK}). A chunk attends to itself exactly in mlxkv's "
                         "caches, which hides part of the loss of configs without a residual window; 1 is "
                         "exactly what generation sees (slower)")
@@ -126,9 +126,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     pk.add_argument("--depths", type=_number_list(float, "0,0.5,1"), default=list(DEFAULT_DEPTHS),
                     metavar="D,D,...", help="where the key sits in the filler, 0 (start) to 1 (end) "
                     f"(default {','.join(map(str, DEFAULT_DEPTHS))})")
-    pk.add_argument("--trials", type=int, default=DEFAULT_TRIALS, metavar="N",
+    pk.add_argument("--trials", type=count_arg("--trials"), default=DEFAULT_TRIALS, metavar="N",
                     help=f"keys per length and depth (default {DEFAULT_TRIALS})")
-    pk.add_argument("--chunk", type=int, default=DEFAULT_CHUNK, metavar="C",
+    pk.add_argument("--chunk", type=count_arg("--chunk"), default=DEFAULT_CHUNK, metavar="C",
                     help=f"prompt tokens per forward pass (default {DEFAULT_CHUNK}; a chunk attends to itself "
                          "exactly in mlxkv's caches)")
     pk.add_argument("--seed", type=int, default=0, help="seed of the pass keys (default 0)")
@@ -160,11 +160,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     help="mean packed bits per element over the layers (default: the base's plus 0.5)")
     lp.add_argument("--text", metavar="FILE", help="a UTF-8 text file (default: the bundled Alice's Adventures "
                     "in Wonderland)")
-    lp.add_argument("--tokens", type=tokens_arg, default=DEFAULT_CALIBRATION_TOKENS, metavar="N",
+    lp.add_argument("--tokens", type=count_arg("--tokens", 2), default=DEFAULT_CALIBRATION_TOKENS, metavar="N",
                     help=f"calibration tokens, the start of the text (default {DEFAULT_CALIBRATION_TOKENS})")
-    lp.add_argument("--check-tokens", type=lambda t: 0 if t.strip() == "0" else tokens_arg(t), default=LAYERS_CHECK_TOKENS, metavar="N",
+    lp.add_argument("--check-tokens", type=count_arg("--check-tokens", 0), default=LAYERS_CHECK_TOKENS, metavar="N",
                     help=f"held-out tokens right after them for the check; 0 skips it (default {LAYERS_CHECK_TOKENS})")
-    lp.add_argument("--chunk", type=int, default=KLD_CHUNK, metavar="C",
+    lp.add_argument("--chunk", type=count_arg("--chunk"), default=KLD_CHUNK, metavar="C",
                     help=f"tokens per forward pass (default {KLD_CHUNK})")
     lp.add_argument("--json", metavar="FILE",
                     help="write the per-layer rows, the map, the check and the machine to FILE")
@@ -243,10 +243,6 @@ def run_kld(args: argparse.Namespace) -> int:
     from mlxkv.eval.kld import chunks_per_run, evaluate_kld
     from mlxkv.report import markdown_table, progress, require_pyplot, run_metadata, text_table
 
-    if args.chunk < 1:
-        raise UserError(f"--chunk must be at least 1, got {args.chunk}")
-    if args.tokens < 2:
-        raise UserError(f"--tokens must be at least 2 (one prediction needs two tokens), got {args.tokens}")
     if args.plot:
         require_pyplot()
     corpus = load_corpus(args.text)
@@ -312,10 +308,6 @@ def run_passkey(args: argparse.Namespace) -> int:
     for depth in args.depths:
         if not 0 <= depth <= 1:
             raise UserError(f"depth {depth} is outside 0..1; use fractions such as 0,0.5,1")
-    if args.trials < 1:
-        raise UserError(f"--trials must be at least 1, got {args.trials}")
-    if args.chunk < 1:
-        raise UserError(f"--chunk must be at least 1, got {args.chunk}")
     specs, reference, model, tokenizer, model_name = _prepare(
         args, ((args.json, "--json"), (args.markdown, "--markdown")))
 
@@ -378,8 +370,6 @@ def run_layers(args: argparse.Namespace) -> int:
         raise UserError(f"--high-bits {args.high_bits} is not above the base's {config.bits} bits; raise it")
     budget = args.budget if args.budget is not None else low + 0.5
     allocate_bits([0.0], config.bits, args.high_bits, budget, config.group_size)  # a budget below the base fails now
-    if args.tokens < 2 or args.check_tokens < 0 or args.chunk < 1:
-        raise UserError("--tokens must be at least 2, --check-tokens at least 0 and --chunk at least 1")
     if args.plot:
         require_pyplot()
     for path, option in ((args.json, "--json"), (args.markdown, "--markdown"), (args.plot, "--plot")):

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from mlxkv.cli.common import count_arg
 from mlxkv.cli.kv_args import add_kv_arguments
 from mlxkv.errors import UserError
 
@@ -42,7 +43,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--memory", metavar="SIZE",
                    help="memory budget, e.g. 8GB (powers of 1024); default: this machine's recommended "
                         "working set (or $MLXKV_MEMORY)")
-    p.add_argument("--batch", type=int, default=1, metavar="N", help="sequences generated together (default 1)")
+    p.add_argument("--batch", type=count_arg("--batch"), default=1, metavar="N", help="sequences generated together (default 1)")
     p.add_argument("--dtype", choices=tuple(DTYPE_BYTES), default="float16",
                    help="dtype the model computes in: float16 on a Mac (default); float32 for a CPU device, "
                         "where mlxkv also expands quantized weights to float32")
@@ -74,8 +75,6 @@ def run(args: argparse.Namespace) -> int:
     from mlxkv.memory.planner import candidate_configs, compatible_configs, plan, recommend
     from mlxkv.units import format_bytes, parse_bytes
 
-    if args.batch < 1:
-        raise UserError(f"--batch must be at least 1, got {args.batch}")
     memory = device_memory(args.memory)  # parse the budget before any download
     explicit_weights = parse_bytes(args.weights_bytes, "weights size") if args.weights_bytes else None
     from mlxkv.cli.kv_args import overrides_from_args, specs_from_args

@@ -22,7 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlxkv.config import KVConfig
-from mlxkv.errors import UserError
+from mlxkv.errors import UserError, at_least
 from mlxkv.eval.configs import DEFAULT_REFERENCE, CacheSpec, as_spec, parse_specs
 from mlxkv.memory.held import bits_per_element
 from mlxkv.stepping import forward_chunks
@@ -115,8 +115,7 @@ def evaluate_kld(
     tokens = mx.array(tokens) if not isinstance(tokens, mx.array) else tokens
     if tokens.size < 2:
         raise UserError("need at least 2 tokens to score a next-token prediction")
-    if chunk < 1:
-        raise UserError(f"--chunk must be at least 1, got {chunk}")
+    at_least(chunk, 1, "chunk")
 
     ref_lp = []
     for lp, _, _ in _chunks(model, tokens, ref, chunk, progress):

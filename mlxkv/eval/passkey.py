@@ -23,7 +23,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlxkv.config import KVConfig
-from mlxkv.errors import UserError
+from mlxkv.errors import UserError, at_least
 from mlxkv.eval.configs import DEFAULT_REFERENCE, CacheSpec, as_spec, parse_specs
 from mlxkv.stepping import prefill
 
@@ -134,10 +134,8 @@ def evaluate_passkey(
     ``accuracy_ref``, the full-precision reference's accuracy on the same prompts."""
     specs = parse_specs(configs)
     ref = as_spec(reference)
-    if trials < 1:
-        raise UserError(f"--trials must be at least 1, got {trials}")
-    if chunk < 1:
-        raise UserError(f"--chunk must be at least 1, got {chunk}")
+    at_least(trials, 1, "trials")
+    at_least(chunk, 1, "chunk")
     if not lengths or not depths:
         raise UserError("give at least one length and one depth")
     rows = []
