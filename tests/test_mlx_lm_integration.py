@@ -16,7 +16,6 @@ from mlx_lm.sample_utils import make_sampler
 import mlxkv
 from mlxkv.caches import QuantizedCache, SinkWindowCache
 from mlxkv.loading.tiny import tiny_model
-from mlxkv.stepping import forward_chunks
 
 # head_dim 64 everywhere so every group size applies
 ARCH_OVERRIDES = {

@@ -12,7 +12,6 @@ from typing import Any
 from mlxkv.bench.runner import DEFAULT_CONFIGS, DEFAULT_CONTEXTS, DEFAULT_PREFILL_CHUNK, PROMPT_NOTE
 from mlxkv.cli.common import count_arg, token_list_arg
 from mlxkv.cli.kv_args import add_kv_arguments, kv_epilog, specs_from_args
-from mlxkv.errors import UserError
 from mlxkv.report import check_output_path
 
 MIB = 2**20

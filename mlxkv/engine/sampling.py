@@ -8,7 +8,7 @@ the Python API and the server's request fields (``temperature``, ``top_p``, ``ma
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import mlx.core as mx

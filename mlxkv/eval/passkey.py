@@ -19,13 +19,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import mlx.core as mx
 import mlx.nn as nn
 
 from mlxkv.config import KVConfig
 from mlxkv.errors import UserError, at_least
+from mlxkv.engine import SamplingParams, Session
 from mlxkv.eval.configs import DEFAULT_REFERENCE, CacheSpec, as_spec, parse_specs
-from mlxkv.stepping import prefill
 
 DEFAULT_LENGTHS = (512, 1024, 2048)
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -99,17 +98,10 @@ def pass_key(seed: int, length: int, depth: float, trial: int) -> str:
 
 def answer(model: nn.Module, tokenizer: Any, prompt: Sequence[int], cache: list[Any],
            chunk: int = DEFAULT_CHUNK, max_tokens: int = ANSWER_TOKENS) -> str:
-    """Greedy continuation of ``prompt`` (``max_tokens`` tokens, stopping at end of turn)."""
-    logits = prefill(model, prompt, cache, chunk)
-    eos = set(getattr(tokenizer, "eos_token_ids", None) or [tokenizer.eos_token_id])
-    out: list[int] = []
-    for _ in range(max_tokens):
-        token = int(mx.argmax(logits).item())
-        if token in eos:
-            break
-        out.append(token)
-        logits = model(mx.array([[token]]), cache=cache)[0, -1]
-    return tokenizer.decode(out)
+    """Greedy continuation of ``prompt`` (``max_tokens`` tokens, stopping at end of turn), run
+    by the same engine as ``mlxkv generate``."""
+    session = Session(model, tokenizer, KVConfig(), prefill_step_size=chunk, cache=cache)
+    return "".join(token.text for token in session.generate(prompt, SamplingParams(max_tokens=max_tokens)))
 
 
 def found(reply: str, key: str) -> bool:
