@@ -228,7 +228,10 @@ def test_missing_default_model_says_how_to_install(monkeypatch: pytest.MonkeyPat
 
 
 @pytest.mark.real_model
-def test_default_model_is_the_bundled_gguf(default_gguf: Path, isolated_cache: Path) -> None:
+def test_default_model_is_the_bundled_gguf(default_gguf: Path, real_model_dir: Path, isolated_cache: Path) -> None:
+    import shutil
+
+    shutil.copytree(real_model_dir, cached_import_dir(default_gguf))  # as a first load() would leave it
     model, tokenizer = load()
     info = model.mlxkv_load_info
     assert info.source == str(default_gguf) and info.model_dir.is_relative_to(isolated_cache)

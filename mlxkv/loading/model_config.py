@@ -3,9 +3,8 @@
 - a Hugging Face repo id: ``config.json`` and the safetensors headers only (never the weights);
   with no network it fails at once instead of retrying for 25 s,
 - a local model directory: its ``config.json`` and the sizes of its safetensors files,
-- a ``.gguf`` file or a short model name: the config.json its import wrote, when mlxkv has
-  imported it, else the file's header read with ``gguf`` (never the tensor data) through the
-  importer's own config builder,
+- a ``.gguf`` file or a short model name: its header read with ``gguf`` (never the tensor data)
+  through the importer's own config builder,
 - a ``config.json`` file alone: weights estimated from the parameter count.
 """
 
@@ -116,20 +115,14 @@ def directory_source(path: Path) -> ModelSource:
 
 # -- GGUF -------------------------------------------------------------------------------------
 def gguf_source(path: Path) -> ModelSource:
-    """Config and sizes of a GGUF file; ``stored_bytes`` and ``parameters`` as the file stores them."""
-    import json as _json
-
+    """Config and sizes of a GGUF file from its header, read with ``gguf`` (never the tensor data;
+    10 s for Gemma 3, whose 262K-token vocabulary the reader parses whole). The config is the one
+    an import writes; the sizes are the file's own (K-quants take more once imported: float16)."""
     from mlxkv.loading.gguf_file import GGUFFile
     from mlxkv.loading.gguf_import import gguf_model_config
-    from mlxkv.loading.loader import cached_import_dir
 
-    gguf = GGUFFile(path)  # checks the file: a truncated GGUF is refused here too
-    imported = cached_import_dir(path) / "config.json"
-    try:
-        config = _json.loads(imported.read_text()) if imported.is_file() else gguf_model_config(gguf)
-    except (OSError, ValueError):
-        config = gguf_model_config(gguf)
-    return ModelSource(str(path), "gguf", config, stored_bytes=gguf.stored_bytes or None,
+    gguf = GGUFFile(path)
+    return ModelSource(str(path), "gguf", gguf_model_config(gguf), stored_bytes=gguf.stored_bytes or None,
                        parameters=gguf.parameters or None)
 
 
