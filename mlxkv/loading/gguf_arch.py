@@ -77,6 +77,8 @@ def config_from_gguf(metadata: dict[str, Any], tensor_names: Iterable[str],
             config.setdefault(field, get(key))
     if get("attention.key_length") is not None:  # the head size is key_length where both are given
         config["head_dim"] = get("attention.key_length")
+    if "head_dim" not in config and {"hidden_size", "num_attention_heads"} <= config.keys():
+        config["head_dim"] = config["hidden_size"] // config["num_attention_heads"]  # llama.cpp's default
     if config.get("v_head_dim") == config.get("head_dim"):
         config.pop("v_head_dim", None)
     if "kv_lora_rank" in config and get("rope.dimension_count") is not None:

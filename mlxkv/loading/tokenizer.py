@@ -6,6 +6,11 @@ T5 unigram), with the pre-tokenizer split the merges were learned with. Its file
 needs torch, which mlxkv does not install, so the metadata comes from ``gguf`` instead and
 is grouped here the way ``get_gguf_tokenizer`` groups it.
 
+Gemma vocabularies go through transformers' Gemma builder, which adds no prefix space, as
+Gemma's own SentencePiece model does, even where the file says ``add_space_prefix`` (llama.cpp
+wrote that for early Gemma 3 files, the packaged 270M included): on the 270M's vocabulary it
+tokenizes like SentencePiece's own encoder run on the same pieces and scores.
+
 What mlxkv adds, because transformers lacks it:
 - for a plain SentencePiece vocabulary (Llama 2, TinyLlama), the prefix space before every
   text as llama.cpp and SentencePiece add it, through transformers' own Phi-3 builder;
