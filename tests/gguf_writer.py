@@ -1,226 +1,168 @@
-"""Write small GGUF files for tests, with any tensor type, and quantize like llama.cpp.
+"""Tiny GGUF files written with ``gguf``'s own GGUFWriter, the way llama.cpp's converter writes them.
 
-``mx.save_gguf`` writes only plain dtypes; the importer's error paths (K-quants, bad
-architectures, truncation) and its Q4_0/Q4_1/Q8_0 handling need files whose tensors
-are stored exactly as llama.cpp stores them, so this writes the container by hand.
+Each follows ``convert_hf_to_gguf.py``'s documented conventions, spelled out here and not
+taken from mlxkv: llama.cpp's tensor names, llama's Q/K rows permuted for interleaved
+rotary (mlx-lm's own GGUF exporter does the permutation), Gemma's RMSNorm weights stored
+plus one, Gemma 3 tied embeddings and the metadata keys each model class writes (Gemma 3's
+sliding-window period and local rope base are left out, as llama.cpp hard-codes them: so
+the tiny Gemma uses llama.cpp's values, every 6th layer global, local base 10,000).
 """
 
 from __future__ import annotations
 
-import struct
 from pathlib import Path
 from typing import Any
 
+import gguf
+import mlx.core as mx
 import numpy as np
+from gguf import GGMLQuantizationType as Q
+from mlx.utils import tree_flatten
 from tokenizers import pre_tokenizers
 
-from mlxkv.loading.gguf_file import GGML_BLOCK_LAYOUT, GGMLType
+from mlxkv.loading.tiny import tiny_config, tiny_model
 
-_UINT32, _INT32, _FLOAT32, _BOOL, _STRING, _ARRAY = 4, 5, 6, 7, 8, 9
+ARCHS = ("llama", "qwen2", "qwen3", "gemma3")
+MLX_ARCH = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3_text"}
+ARCH_OVERRIDES: dict[str, dict[str, Any]] = {
+    "gemma3": {"num_hidden_layers": 7, "sliding_window_pattern": 6, "rope_theta": 1_000_000.0,
+               "rope_local_base_freq": 10_000.0, "query_pre_attn_scalar": 16},
+}
 
-
-class Typed:
-    """A metadata value with an explicit GGUF value type, e.g. Typed(_INT32, [1, 3])."""
-
-    def __init__(self, value_type: int, value: Any) -> None:
-        self.value_type, self.value = value_type, value
-
-
-def int32_array(values: list[int]) -> Typed:
-    return Typed(_INT32, list(values))
-
-
-def _string(text: str) -> bytes:
-    raw = text.encode("utf-8")
-    return struct.pack("<Q", len(raw)) + raw
-
-
-def _scalar(value_type: int, value: Any) -> bytes:
-    fmt = {_UINT32: "<I", _INT32: "<i", _FLOAT32: "<f", _BOOL: "<?"}[value_type]
-    return struct.pack(fmt, value)
+GLOBAL_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+LAYER_NAMES = {
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+    "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+}
+GEMMA3_LAYER_NAMES = {**LAYER_NAMES, "post_attention_layernorm": "post_attention_norm",
+                      "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm"}
 
 
-def _value(value: Any) -> tuple[int, bytes]:
-    if isinstance(value, Typed):
-        if isinstance(value.value, list):
-            body = b"".join(_scalar(value.value_type, v) for v in value.value)
-            return _ARRAY, struct.pack("<IQ", value.value_type, len(value.value)) + body
-        return value.value_type, _scalar(value.value_type, value.value)
-    if isinstance(value, bool):
-        return _BOOL, _scalar(_BOOL, value)
-    if isinstance(value, int):
-        return _UINT32, _scalar(_UINT32, value)
-    if isinstance(value, float):
-        return _FLOAT32, _scalar(_FLOAT32, value)
-    if isinstance(value, str):
-        return _STRING, _string(value)
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return _ARRAY, struct.pack("<IQ", _STRING, len(value)) + b"".join(_string(v) for v in value)
-    if isinstance(value, list) and all(isinstance(v, float) for v in value):
-        return _value(Typed(_FLOAT32, value))
-    raise TypeError(f"cannot write metadata value {value!r}")
+def gguf_name(hf_name: str, arch: str) -> str:
+    """``model.layers.3.self_attn.q_proj.weight`` -> ``blk.3.attn_q.weight`` (llama.cpp's names)."""
+    module, suffix = hf_name.rsplit(".", 1)
+    parts = module.split(".")
+    if parts[:2] == ["model", "layers"]:
+        table = GEMMA3_LAYER_NAMES if arch == "gemma3" else LAYER_NAMES
+        return f"blk.{parts[2]}.{table['.'.join(parts[3:])]}.{suffix}"
+    return f"{GLOBAL_NAMES[module]}.{suffix}"
 
 
-def write_gguf(path: Path, metadata: dict[str, Any],
-               tensors: dict[str, tuple[int, tuple[int, ...], bytes]], alignment: int = 32) -> Path:
-    """``tensors``: name -> (ggml type, shape in row-major order, stored bytes)."""
-    out = bytearray(b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(metadata)))
-    for key, value in metadata.items():
-        value_type, body = _value(value)
-        out += _string(key) + struct.pack("<I", value_type) + body
-    offset, blobs = 0, []
-    for name, (ggml_type, shape, data) in tensors.items():
-        offset = -(-offset // alignment) * alignment
-        dims = list(reversed(shape))
-        out += _string(name) + struct.pack("<I", len(dims)) + struct.pack(f"<{len(dims)}Q", *dims)
-        out += struct.pack("<IQ", ggml_type, offset)
-        blobs.append((offset, data))
-        offset += len(data)
-    out += b"\0" * (-len(out) % alignment)
-    data_start = len(out)
-    for blob_offset, data in blobs:
-        out += b"\0" * (data_start + blob_offset - len(out))
-        out += data
-    path.write_bytes(bytes(out))
-    return path
+# -- vocabularies --------------------------------------------------------------------------------
+def byte_level_vocab(writer: gguf.GGUFWriter, pre: str) -> int:
+    """A GPT-2 style vocabulary: two control tokens, the 256 byte symbols, two merges."""
+    tokens = ["<|endoftext|>", "<|im_start|>", *sorted(pre_tokenizers.ByteLevel.alphabet()), "Ġt", "Ġth"]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types([3, 3] + [1] * (len(tokens) - 2))
+    writer.add_token_merges(["Ġ t", "Ġt h"])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(0)
+    writer.add_add_bos_token(False)
+    return len(tokens)
 
 
-# ---- llama.cpp block quantization (reference formulas from ggml-quants.c) ----
-
-def _blocks(x: np.ndarray) -> np.ndarray:
-    return np.asarray(x, dtype=np.float32).reshape(-1, 32)
-
-
-def _fp16_bytes(values: np.ndarray) -> np.ndarray:
-    return values.astype(np.float16).view(np.uint8).reshape(-1, 2)
-
-
-def _pack_nibbles(q: np.ndarray) -> np.ndarray:
-    """Weights j and j+16 of a block share byte j (low, high nibble)."""
-    return (q[:, :16] | (q[:, 16:] << 4)).astype(np.uint8)
-
-
-def quantize_q8_0(x: np.ndarray) -> bytes:
-    b = _blocks(x)
-    d = np.abs(b).max(axis=1) / 127
-    q = np.round(b / np.where(d == 0, 1, d)[:, None]).astype(np.int8)
-    return np.concatenate([_fp16_bytes(d), q.view(np.uint8)], axis=1).tobytes()
+def sentencepiece_vocab(writer: gguf.GGUFWriter) -> int:
+    """A Gemma-style SentencePiece vocabulary: specials, <0xNN> byte tokens, a few pieces with scores."""
+    pieces = ["\u2581", "\u2581t", "\u2581th", "\u2581the", "he", "<start_of_turn>", "<end_of_turn>"]
+    tokens = ["<pad>", "<eos>", "<bos>", "<unk>", *[f"<0x{b:02X}>" for b in range(256)], *pieces]
+    types = [3, 3, 3, 2] + [6] * 256 + [1] * (len(pieces) - 2) + [3, 3]
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores([-float(i) for i in range(len(tokens))])
+    writer.add_token_types(types)
+    writer.add_bos_token_id(2)
+    writer.add_eos_token_id(1)
+    writer.add_unk_token_id(3)
+    writer.add_pad_token_id(0)
+    writer.add_add_bos_token(True)
+    return len(tokens)
 
 
-def quantize_q4_0(x: np.ndarray) -> bytes:
-    b = _blocks(x)
-    signed_max = b[np.arange(len(b)), np.abs(b).argmax(axis=1)]
-    d = signed_max / -8
-    q = np.clip(np.round(b / np.where(d == 0, 1, d)[:, None]) + 8, 0, 15).astype(np.uint8)
-    return np.concatenate([_fp16_bytes(d), _pack_nibbles(q)], axis=1).tobytes()
-
-
-def quantize_q4_1(x: np.ndarray) -> bytes:
-    b = _blocks(x)
-    low, high = b.min(axis=1), b.max(axis=1)
-    d = (high - low) / 15
-    q = np.clip(np.round((b - low[:, None]) / np.where(d == 0, 1, d)[:, None]), 0, 15).astype(np.uint8)
-    return np.concatenate([_fp16_bytes(d), _fp16_bytes(low), _pack_nibbles(q)], axis=1).tobytes()
-
-
-QUANTIZERS = {GGMLType.Q8_0: quantize_q8_0, GGMLType.Q4_0: quantize_q4_0, GGMLType.Q4_1: quantize_q4_1}
-
-
-def dequantize_reference(ggml_type: int, data: bytes, shape: tuple[int, ...]) -> np.ndarray:
-    """What llama.cpp's dequantize_row_* gives, in float32, independent of MLX."""
-    raw = np.frombuffer(data, dtype=np.uint8)
-    if ggml_type == GGMLType.F32:
-        return raw.view(np.float32).reshape(shape)
-    if ggml_type == GGMLType.F16:
-        return raw.view(np.float16).astype(np.float32).reshape(shape)
-    _, block_bytes = GGML_BLOCK_LAYOUT[GGMLType(ggml_type)]
-    blocks = raw.reshape(-1, block_bytes)
-    d = blocks[:, :2].copy().view(np.float16).astype(np.float32)
-    if ggml_type == GGMLType.Q8_0:
-        values = d * blocks[:, 2:].view(np.int8).astype(np.float32)
+# -- tensors ---------------------------------------------------------------------------------------
+def encode(writer: gguf.GGUFWriter, name: str, values: np.ndarray, kind: Q) -> None:
+    """Add one tensor stored as ``kind``, quantized by ``gguf`` itself, or random blocks of a
+    type it cannot write (K-quants, i-quants: the tensor then no longer holds ``values``)."""
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    if kind == Q.F32:
+        writer.add_tensor(name, values)
+    elif kind == Q.F16:
+        writer.add_tensor(name, values.astype(np.float16))
     else:
-        packed = blocks[:, 4:] if ggml_type == GGMLType.Q4_1 else blocks[:, 2:]
-        q = np.concatenate([packed & 0x0F, packed >> 4], axis=1).astype(np.float32)
-        if ggml_type == GGMLType.Q4_1:
-            values = d * q + blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
-        else:
-            values = d * (q - 8)
-    return values.reshape(shape)
+        try:
+            stored = gguf.quants.quantize(values, kind)
+        except NotImplementedError:
+            stored = random_blocks(values.shape, kind)
+        writer.add_tensor(name, stored, raw_dtype=kind)
 
 
-def encode_tensor(ggml_type: int, x: np.ndarray) -> tuple[int, tuple[int, ...], bytes]:
-    """(type, shape, bytes) for write_gguf, quantizing when the type asks for it."""
-    x = np.asarray(x, dtype=np.float32)
-    if ggml_type == GGMLType.F32:
-        data = x.tobytes()
-    elif ggml_type == GGMLType.F16:
-        data = x.astype(np.float16).tobytes()
-    else:
-        data = QUANTIZERS[GGMLType(ggml_type)](x)
-    return int(ggml_type), tuple(x.shape), data
+def random_blocks(shape: tuple[int, ...], kind: Q, seed: int = 0) -> np.ndarray:
+    """Random stored bytes of a type ``gguf`` can decode but not write (K-quants, i-quants).
+    Every byte stays below 0x3C, so each float16 scale inside a block is finite and below 1."""
+    block, size = gguf.GGML_QUANT_SIZES[kind]
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 0x3C, size=(shape[0], shape[1] // block * size), dtype=np.uint8)
 
 
-def byte_level_vocab_metadata(pre: str = "smollm") -> dict[str, Any]:
-    """A minimal GPT-2 style tokenizer: the 256 byte symbols, two merges, two control tokens."""
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tokens = ["<|endoftext|>", "<|im_start|>", *alphabet, "Ġt", "Ġth"]
-    token_types = [3, 3] + [1] * (len(tokens) - 2)
-    return {
-        "tokenizer.ggml.model": "gpt2",
-        "tokenizer.ggml.pre": pre,
-        "tokenizer.ggml.tokens": tokens,
-        "tokenizer.ggml.token_type": int32_array(token_types),
-        "tokenizer.ggml.merges": ["Ġ t", "Ġt h"],
-        "tokenizer.ggml.bos_token_id": 1,
-        "tokenizer.ggml.eos_token_id": 0,
-        "tokenizer.ggml.add_bos_token": False,
-    }
-
-
-def llama_metadata(config: dict[str, Any], arch: str = "llama") -> dict[str, Any]:
-    """``llama.*`` keys for an mlx-lm llama config (as llama.cpp's converter writes them)."""
-    return {
-        "general.architecture": arch,
-        "general.alignment": 32,
-        f"{arch}.embedding_length": config["hidden_size"],
-        f"{arch}.block_count": config["num_hidden_layers"],
-        f"{arch}.feed_forward_length": config["intermediate_size"],
-        f"{arch}.attention.head_count": config["num_attention_heads"],
-        f"{arch}.attention.head_count_kv": config["num_key_value_heads"],
-        f"{arch}.rope.dimension_count": config["head_dim"],
-        f"{arch}.rope.freq_base": float(config["rope_theta"]),
-        f"{arch}.attention.layer_norm_rms_epsilon": float(config["rms_norm_eps"]),
-        f"{arch}.context_length": config["max_position_embeddings"],
-    }
-
-
-def tiny_llama_gguf(path: Path, weight_type: int = GGMLType.F32,
-                    type_overrides: dict[str, int] | None = None, **config_overrides: Any):
-    """A GGUF of mlxkv's tiny random llama, laid out as llama.cpp's converter does (Q/K rows
-    permuted for interleaved rotary). Returns (path, the mlx-lm model it came from).
-
-    ``weight_type`` applies to 2-D weights; ``type_overrides`` maps GGUF tensor names to types.
-    1-D norms stay F32, as in llama.cpp files.
-    """
-    from mlx.utils import tree_flatten
-    from mlx_lm.gguf import permute_weights, translate_weight_names
-
-    from mlxkv.loading.tiny import tiny_config, tiny_model
-
-    vocab = byte_level_vocab_metadata()
-    config = tiny_config("llama", vocab_size=len(vocab["tokenizer.ggml.tokens"]), **config_overrides)
-    model = tiny_model("llama", **config_overrides, vocab_size=config["vocab_size"])
-    tensors = {}
+def write_tiny_gguf(path: Path, arch: str = "llama", weight_type: Q = Q.F32,
+                    type_overrides: dict[str, Q] | None = None, metadata: dict[str, Any] | None = None,
+                    **config_overrides: Any):
+    """A GGUF of mlxkv's tiny random ``arch`` model laid out as llama.cpp's converter does.
+    Returns (path, the float32 mlx-lm model it came from). ``weight_type`` applies to 2-D
+    weights, ``type_overrides`` maps GGUF tensor names to types; 1-D norms and biases stay F32."""
+    writer = gguf.GGUFWriter(str(path), arch)
+    vocab_size = sentencepiece_vocab(writer) if arch == "gemma3" else byte_level_vocab(
+        writer, "smollm" if arch == "llama" else "qwen2")
+    overrides = {**ARCH_OVERRIDES.get(arch, {}), **config_overrides, "vocab_size": vocab_size}
+    config = tiny_config(MLX_ARCH[arch], **overrides)
+    model = tiny_model(MLX_ARCH[arch], **overrides)
+    if arch == "gemma3":  # Gemma 3 always ties its output to the embedding (mlx-lm's sanitize does this)
+        model.tie_word_embeddings = True
+        model.pop("lm_head")
+    _write_metadata(writer, arch, config)
+    for key, value in (metadata or {}).items():
+        writer.add_key_value(key, value[0], value[1])
     for name, value in tree_flatten(model.parameters()):
         array = np.array(value)
-        if name.endswith("self_attn.q_proj.weight"):
-            array = np.array(permute_weights(value, config["num_attention_heads"]))
-        elif name.endswith("self_attn.k_proj.weight"):
-            array = np.array(permute_weights(value, config["num_attention_heads"],
-                                             config["num_key_value_heads"]))
-        gguf_name = translate_weight_names(name)
-        ggml_type = GGMLType.F32 if array.ndim == 1 else weight_type
-        ggml_type = (type_overrides or {}).get(gguf_name, ggml_type)
-        tensors[gguf_name] = encode_tensor(ggml_type, array)
-    write_gguf(path, {**llama_metadata(config), **vocab}, tensors)
+        if arch == "llama" and name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
+            from mlx_lm.gguf import permute_weights
+
+            heads = config["num_attention_heads"]
+            kv_heads = config["num_key_value_heads"] if ".k_proj" in name else None
+            array = np.array(permute_weights(mx.array(array), heads, kv_heads))
+        if arch == "gemma3" and name.endswith("norm.weight"):
+            array = array + 1.0  # convert_hf_to_gguf: Gemma3Model adds norm_shift to every norm weight
+        tensor_name = gguf_name(name, arch)
+        kind = Q.F32 if array.ndim == 1 else weight_type
+        encode(writer, tensor_name, array, (type_overrides or {}).get(tensor_name, kind))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
     return path, model
+
+
+def _write_metadata(writer: gguf.GGUFWriter, arch: str, config: dict[str, Any]) -> None:
+    """The keys convert_hf_to_gguf's model class for ``arch`` writes."""
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(config["num_attention_heads"])
+    writer.add_head_count_kv(config["num_key_value_heads"])
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_rope_freq_base(config["rope_theta"])
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    head_dim = config.get("head_dim", config["hidden_size"] // config["num_attention_heads"])
+    if arch == "llama":
+        writer.add_vocab_size(config["vocab_size"])
+        writer.add_rope_dimension_count(head_dim)
+    if arch in ("qwen3", "gemma3"):
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    if arch == "gemma3":
+        writer.add_sliding_window(config["sliding_window"])

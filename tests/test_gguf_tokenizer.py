@@ -1,17 +1,19 @@
-"""Tokenizers rebuilt from GGUF metadata: round trips, special tokens, llama.cpp conventions."""
+"""Tokenizers from GGUF metadata: llama.cpp's conventions checked on the real vocabulary and on
+a SentencePiece vocabulary against llama.cpp's algorithm written out."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-import mlx.core as mx
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from mlxkv.errors import UserError
-from mlxkv.loading.tokenizer import BYTE_LEVEL_PRE_TOKENIZERS, SPM_SPACE, tokenizer_from_gguf
+from mlxkv.loading.gguf_file import GGUFFile
+from mlxkv.loading.tokenizer import end_of_generation_ids, tokenizer_from_gguf
 
+SPM_SPACE = "\u2581"  # SentencePiece's visible space
 MIXED_TEXT = (
     "Hello, world!  Tabs\t\tand\n\nnewlines   runs of spaces. Numbers 1234567 and 3.14159; "
     "unicode: héllo naïve café — “quotes” ü ß; emoji 😀🚀👍🏽; CJK 中文字符 日本語 한국어; "
@@ -21,7 +23,7 @@ MIXED_TEXT = (
 
 @pytest.fixture(scope="session")
 def smollm_metadata(default_gguf: Path) -> dict[str, Any]:
-    return mx.load(str(default_gguf), return_metadata=True)[1]
+    return GGUFFile(default_gguf).metadata
 
 
 @pytest.fixture(scope="session")
@@ -45,24 +47,10 @@ def test_special_tokens_encode_to_single_ids(smollm_tokenizer) -> None:
 
 @pytest.mark.real_model
 def test_digits_are_split_individually(smollm_tokenizer) -> None:
+    """llama.cpp's 'smollm' pre-tokenizer (and SmolLM's tokenizer.json) split every digit."""
     tokens = smollm_tokenizer.convert_ids_to_tokens(smollm_tokenizer.encode("in 2024, 1000000 people"))
     assert tokens[:6] == ["in", "Ġ", "2", "0", "2", "4"]
     assert all(len(t.lstrip("Ġ")) <= 1 for t in tokens if any(c.isdigit() for c in t))
-
-
-@pytest.mark.real_model
-def test_matches_transformers_gguf_tokenizer_on_text_without_digits(smollm_metadata, smollm_tokenizer) -> None:
-    """transformers' own GGUF converter is an independent reading of the same vocabulary; it
-    lacks SmolLM's digit splitting, so compare on text without digits."""
-    mapping = pytest.importorskip("transformers.integrations.gguf.gguf_tokenizer_mapping")
-    reference, _ = mapping.convert_gguf_tokenizer("llama", {
-        "tokenizer_type": "gpt2",
-        "tokens": smollm_metadata["tokenizer.ggml.tokens"],
-        "merges": smollm_metadata["tokenizer.ggml.merges"],
-        "token_type": smollm_metadata["tokenizer.ggml.token_type"].tolist(),
-    })
-    text = "".join(c for c in MIXED_TEXT if not c.isdigit()) + "<|im_start|>system\nYou are helpful<|im_end|>"
-    assert smollm_tokenizer.encode(text) == reference.encode(text, add_special_tokens=False).ids
 
 
 @pytest.mark.real_model
@@ -77,9 +65,16 @@ def test_converted_dir_gives_mlx_lm_a_chat_tokenizer(real_model_dir: Path) -> No
     assert prompt.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
 
 
+def _byte_level_metadata(pre: str) -> dict[str, Any]:
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    return {"general.architecture": "llama", "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre,
+            "tokenizer.ggml.tokens": alphabet, "tokenizer.ggml.token_type": [1] * len(alphabet),
+            "tokenizer.ggml.merges": []}
+
+
 def test_llama3_pre_tokenizer_groups_digits_in_threes() -> None:
-    pieces = [p for p, _ in BYTE_LEVEL_PRE_TOKENIZERS["llama-bpe"]().pre_tokenize_str("x 1234567")]
-    assert pieces == ["x", "Ġ", "123", "456", "7"]
+    backend = tokenizer_from_gguf(_byte_level_metadata("llama-bpe")).backend_tokenizer
+    assert [p for p, _ in backend.pre_tokenizer.pre_tokenize_str("x 1234567")] == ["x", "Ġ", "123", "456", "7"]
 
 
 # ---- SentencePiece ("llama") vocabularies ----
@@ -105,13 +100,14 @@ def spm_metadata() -> dict[str, Any]:
     trained.train_from_iterator(SPM_CORPUS, trainer)
     tokens = [token for token, _ in sorted(trained.get_vocab().items(), key=lambda item: item[1])]
     return {
+        "general.architecture": "llama",
         "tokenizer.ggml.model": "llama",
         "tokenizer.ggml.tokens": tokens,
-        "tokenizer.ggml.scores": mx.array([-float(i) for i in range(len(tokens))]),
-        "tokenizer.ggml.token_type": mx.array([2, 3, 3] + [6] * 256 + [1] * (len(tokens) - 259)),
-        "tokenizer.ggml.unknown_token_id": mx.array(0),
-        "tokenizer.ggml.bos_token_id": mx.array(1),
-        "tokenizer.ggml.eos_token_id": mx.array(2),
+        "tokenizer.ggml.scores": [-float(i) for i in range(len(tokens))],
+        "tokenizer.ggml.token_type": [2, 3, 3] + [6] * 256 + [1] * (len(tokens) - 259),
+        "tokenizer.ggml.unknown_token_id": 0,
+        "tokenizer.ggml.bos_token_id": 1,
+        "tokenizer.ggml.eos_token_id": 2,
     }
 
 
@@ -143,20 +139,29 @@ def llama_cpp_spm_reference(text: str, tokens: list[str], scores: list[float]) -
 ])
 def test_sentencepiece_vocab_matches_llama_cpp_algorithm(spm_metadata, text: str) -> None:
     tokenizer = tokenizer_from_gguf(spm_metadata)
-    tokens = spm_metadata["tokenizer.ggml.tokens"]
-    scores = spm_metadata["tokenizer.ggml.scores"].tolist()
     ids = tokenizer.encode(text)
     assert ids[0] == 1  # llama.cpp adds BOS for SentencePiece vocabularies by default
-    assert ids[1:] == llama_cpp_spm_reference(text, tokens, scores)
+    assert ids[1:] == llama_cpp_spm_reference(text, spm_metadata["tokenizer.ggml.tokens"],
+                                              spm_metadata["tokenizer.ggml.scores"])
     assert tokenizer.decode(ids, skip_special_tokens=True) == text
 
 
+def test_eos_is_never_appended_and_end_of_turn_stops(spm_metadata) -> None:
+    """Gemma 3 GGUFs set add_eos_token; a prompt must not end with <eos>. llama.cpp also stops
+    on end-of-turn control tokens the file does not name as such."""
+    tokens = [*spm_metadata["tokenizer.ggml.tokens"], "<end_of_turn>"]
+    metadata = {**spm_metadata, "tokenizer.ggml.add_eos_token": True, "tokenizer.ggml.tokens": tokens,
+                "tokenizer.ggml.scores": [*spm_metadata["tokenizer.ggml.scores"], 0.0],
+                "tokenizer.ggml.token_type": [*spm_metadata["tokenizer.ggml.token_type"], 3]}
+    assert tokenizer_from_gguf(metadata).encode("The fox")[-1] != 2
+    assert end_of_generation_ids(metadata) == [2, len(tokens) - 1]
+    assert end_of_generation_ids({**metadata, "tokenizer.ggml.eot_token_id": 1}) == [2, 1]
+
+
 def test_unsupported_tokenizer_kinds_are_user_errors(spm_metadata) -> None:
-    with pytest.raises(UserError, match="tokenizer type 'bert' is not supported"):
+    with pytest.raises(UserError, match="cannot build the GGUF's tokenizer: .*'bert'"):
         tokenizer_from_gguf({**spm_metadata, "tokenizer.ggml.model": "bert"})
-    byte_level = {**spm_metadata, "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.merges": ["a b"],
-                  "tokenizer.ggml.pre": "made-up"}
     with pytest.raises(UserError, match="pre-tokenizer 'made-up' is not supported"):
-        tokenizer_from_gguf(byte_level)
+        tokenizer_from_gguf(_byte_level_metadata("made-up"))
     with pytest.raises(UserError, match="has no tokenizer"):
         tokenizer_from_gguf({})

@@ -18,7 +18,8 @@ from mlxkv.memory import (
     plot_memory_runs,
 )
 from mlxkv.memory.machine_memory import _from_proc_meminfo
-from mlxkv.memory.model_config import config_from_gguf, model_source, weights_bytes
+from mlxkv.loading.gguf_arch import config_from_gguf
+from mlxkv.loading.model_config import model_source, weights_bytes
 from mlxkv.stepping import forward_chunks
 
 

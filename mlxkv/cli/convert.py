@@ -5,22 +5,21 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mlxkv.loading.gguf import SUPPORTED_ARCHITECTURES, SUPPORTED_TENSOR_TYPES
+from mlxkv.loading.gguf_import import PACKED_TENSOR_TYPES, SUPPORTED_ARCHITECTURES
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    supported_types = ", ".join(t.name for t in SUPPORTED_TENSOR_TYPES)
     parser = subparsers.add_parser(
         "convert",
         help="import a GGUF file into an mlx-lm model directory",
         description=(
             "Import a GGUF file into a directory that mlx_lm.load (and mlxkv generate) reads: "
-            "config.json, model.safetensors with the quantized weights kept packed, and a "
-            "Hugging Face tokenizer with the file's chat template. "
-            f"Supported: architecture {', '.join(SUPPORTED_ARCHITECTURES)}; "
-            f"tensor types {supported_types}."
+            "config.json, model.safetensors and a Hugging Face tokenizer with the file's chat template. "
+            f"Architectures: {', '.join(SUPPORTED_ARCHITECTURES)}. Tensor types: every type the gguf "
+            f"package decodes; {', '.join(PACKED_TENSOR_TYPES)} stay packed (MLX's affine layout, "
+            "bit for bit), the others (K-quants, i-quants) become float16."
         ),
-        epilog="mlxkv generate also accepts a .gguf file directly and caches the import.",
+        epilog="mlxkv generate also accepts a .gguf file or a short model name directly and caches the import.",
     )
     parser.add_argument("--gguf", required=True, type=Path, metavar="FILE", help="the GGUF file to import")
     parser.add_argument("--out", required=True, type=Path, metavar="DIR",
@@ -32,7 +31,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    from mlxkv.loading.gguf import import_gguf
+    from mlxkv.loading.gguf_import import import_gguf
 
     out_dir = import_gguf(args.gguf, args.out, overwrite=args.force)
     print(f"wrote {out_dir}")

@@ -14,9 +14,11 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from mlxkv.cli.common import MODEL_HELP, count_arg, token_list_arg
+from mlxkv.cli.common import count_arg, token_list_arg
 from mlxkv.cli.kv_args import add_kv_arguments, kv_epilog, specs_from_args
 from mlxkv.errors import UserError
+from mlxkv.loading import load_info
+from mlxkv.loading.models import MODEL_HELP
 
 KLD_CONFIGS = "fp16,q8,k8v4,q4,q4-nores,q2,mlxlm-q8,mlxlm-q4"
 PASSKEY_CONFIGS = "q8,k8v4,q4"
@@ -189,7 +191,7 @@ def _prepare(args: argparse.Namespace, outputs: Sequence[tuple[str | None, str]]
     model, tokenizer = mlxkv.load(args.model)
     for spec in (reference, *specs):
         spec.make(model)  # a config the model cannot hold (group size vs head_dim) fails now, not mid-run
-    info = getattr(model, "mlxkv_load_info", None)
+    info = load_info(model)
     model_name = str(getattr(info, "source", None) or args.model or "default model")
     return specs, reference, model, tokenizer, model_name
 
@@ -380,7 +382,7 @@ def run_layers(args: argparse.Namespace) -> int:
     tokens = corpus_tokens(tokenizer, corpus, args.tokens + args.check_tokens)
     calibration, held_out = tokens[: args.tokens], tokens[args.tokens:]
     n_layers = layer_count(model)
-    info = getattr(model, "mlxkv_load_info", None)
+    info = load_info(model)
     model_name = str(getattr(info, "source", None) or args.model or "default model")
 
     with progress(total=(n_layers + 1) * chunks_per_run(len(calibration), args.chunk),

@@ -11,6 +11,7 @@ from typing import Any
 from mlxkv.cli.common import count_arg
 from mlxkv.cli.kv_args import add_kv_arguments
 from mlxkv.errors import UserError
+from mlxkv.loading.models import MODEL_HELP
 
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 BASELINES = ("mlxlm-fp16", "mlxlm-q8", "mlxlm-q4")
@@ -33,9 +34,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         ),
     )
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", help="a Hugging Face repo id (only config.json and safetensors headers are "
-                     "downloaded), a local model directory or a .gguf file (header only); default: "
-                     "the bundled SmolLM2-135M-Instruct")
+    src.add_argument("--model", help=MODEL_HELP + " (a repo id: only config.json and safetensors headers are "
+                     "downloaded; a .gguf file: its header only)")
     src.add_argument("--config", metavar="FILE", help="a model's config.json instead of --model")
     p.add_argument("--context", type=_tokens_arg, metavar="TOKENS",
                    help="target context (prompt + generated tokens), e.g. 32768 or 32k; "
@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     from mlxkv.device import is_cpu
     from mlxkv.memory.machine_memory import device_memory
     from mlxkv.memory.layout import layout_from_config
-    from mlxkv.memory.model_config import model_source, weights_bytes
+    from mlxkv.loading.model_config import model_source, weights_bytes
     from mlxkv.memory.planner import candidate_configs, compatible_configs, plan, recommend
     from mlxkv.units import format_bytes, parse_bytes
 

