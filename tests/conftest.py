@@ -5,9 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 import mlxkv  # noqa: F401  (first: picks the BLAS before MLX loads)
 from mlxkv.errors import UserError
+
+# Property tests run the same derandomized examples every time (CI and
+# scripts/mutation_check.py see the same programs) and no timing decides a result.
+# MLXKV_PROPERTY_SCALE (tests/test_cache_properties.py) scales how many they run.
+settings.register_profile(
+    "mlxkv", derandomize=True, database=None, deadline=None, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile("mlxkv")
 
 
 @pytest.fixture(scope="session")
