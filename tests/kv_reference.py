@@ -17,6 +17,8 @@ numpy arrays and decides, position by position,
   newest ``residual`` that earlier steps scored leaves the recent tier: it takes a free slot,
   or evicts the kept token with the lowest accumulated attention (the oldest among equals)
   if that scored strictly less, or is dropped;
+* ``quantized_kv_start``: until the cache holds that many tokens nothing is quantized; then
+  every token that left the 16-bit tier is quantized in place;
 * whether ``trim`` may be used: only while nothing was evicted (a window that never held more
   than ``max_kv`` tokens; H2O before its first eviction or drop).
 
@@ -85,6 +87,7 @@ class Layout:
     residual: int
     window: int | None = None  # tokens besides the sinks a window keeps
     max_kv: int | None = None  # h2o's budget
+    quantize_from: int = 0  # KVConfig.quantized_kv_start
 
 
 class ReferenceCache:
@@ -94,6 +97,7 @@ class ReferenceCache:
         self.keys = self.values = None  # [B, H, N, D]: exact (16-bit) value of each position
         self.qkeys = self.qvalues = None  # the quantized reading of positions in `packed`
         self.packed = np.zeros(0, dtype=bool)
+        self.quantizing = layout.quantize_from == 0
         self.flushed = 0  # positions < flushed have left the 16-bit recent tier
         self.evicted = False
         self.heavy: list[int] = []  # h2o: kept positions outside the sinks and the recent tier
@@ -122,6 +126,9 @@ class ReferenceCache:
             keys, values, queries = rotate(keys), rotate(values), rotate(queries)
         first, n = self.offset, keys.shape[2]
         end = first + n
+        if not self.quantizing and first >= self.layout.quantize_from:  # converted in place
+            self.quantizing = True
+            self._pack(self.layout.sinks, self.flushed)
         self._append(keys, values)
         if self.layout.kind == "h2o":
             self._h2o_flush(first, end)
@@ -178,7 +185,8 @@ class ReferenceCache:
     def _flush_to(self, target: int) -> None:
         """Everything before ``target`` leaves the recent tier, in whole groups."""
         target = self._group_start(target)
-        self._pack(max(self.flushed, self.layout.sinks), target)
+        if self.quantizing:
+            self._pack(max(self.flushed, self.layout.sinks), target)
         self.flushed = max(self.flushed, target)
 
     def _h2o_flush(self, first: int, end: int) -> None:
@@ -191,17 +199,19 @@ class ReferenceCache:
                 self.heavy.append(pos)
                 continue
             self.evicted = True
-            low = min(self.heavy, key=lambda h: (self.score[h], h))
-            self._check_clear(low, pos)
+            ranked = sorted(self.heavy, key=lambda h: (self.score[h], h))  # the oldest among equals first
+            low = ranked[0]
+            self._check_clear(low, pos)  # whether it is evicted
             if self.score[low] < self.score[pos]:
+                if len(ranked) > 1:
+                    self._check_clear(low, ranked[1])  # whether it is the one evicted
                 self.heavy[self.heavy.index(low)] = pos
         self.flushed = max(self.flushed, target)
 
-    def _check_clear(self, low: int, incoming: int) -> None:
-        for other in [incoming] + [h for h in self.heavy if h != low]:
-            a, b = float(self.score[other]), float(self.score[low])
-            if (a or b) and abs(a - b) <= 1e-4 * max(abs(a), abs(b)):
-                raise NearTie(f"scores {a} and {b}")
+    def _check_clear(self, low: int, other: int) -> None:
+        a, b = float(self.score[other]), float(self.score[low])
+        if (a or b) and abs(a - b) <= 1e-4 * max(abs(a), abs(b)):
+            raise NearTie(f"scores {a} and {b}")
 
     # -- trim ------------------------------------------------------------------------
     def trim(self, n: int) -> int:
@@ -218,8 +228,10 @@ class ReferenceCache:
         self.flushed = min(self.flushed, keep)
         cut = self._group_start(self.flushed)
         if cut < self.flushed:
-            self.keys[:, :, cut : self.flushed] = to_f16(self.qkeys[:, :, cut : self.flushed])
-            self.values[:, :, cut : self.flushed] = to_f16(self.qvalues[:, :, cut : self.flushed])
-            self.packed[cut : self.flushed] = False
+            cut_short = slice(cut, self.flushed)
+            packed = self.packed[cut_short][None, None, :, None]
+            self.keys[:, :, cut_short] = np.where(packed, to_f16(self.qkeys[:, :, cut_short]), self.keys[:, :, cut_short])
+            self.values[:, :, cut_short] = np.where(packed, to_f16(self.qvalues[:, :, cut_short]), self.values[:, :, cut_short])
+            self.packed[cut_short] = False
             self.flushed = cut
         return n

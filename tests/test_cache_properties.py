@@ -13,24 +13,19 @@ every run, and scripts/mutation_check.py, checks the same programs.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import mlx.core as mx
-import numpy as np
 import pytest
 from hypothesis import event, example, given, note, settings
 from hypothesis import strategies as st
-from mlx_lm.models.cache import save_prompt_cache
 
 import mlxkv
-from mlxkv.attention import attend
-from mlxkv.caches import HeavyHitterCache, QuantizedCache, SinkWindowCache
+from conftest import KVData, check_counts, check_step, grid, round_trip
 from kv_reference import Layout, NearTie, ReferenceCache
+from mlxkv.caches import HeavyHitterCache, QuantizedCache, SinkWindowCache
 
 HEAD_DIM = 64
-SCALE = HEAD_DIM**-0.5
 MAX_TOKENS = 560
 SCALE_EXAMPLES = float(os.environ.get("MLXKV_PROPERTY_SCALE", "1"))
 """Raise (e.g. 20) for a long exploratory run; the suite's default keeps the file near 40 s."""
@@ -93,71 +88,7 @@ def programs(draw, longest_chunk: int = 150, decode_budget: int = 120) -> list[O
     return ops
 
 
-def grid(shape, key, std=1.0) -> mx.array:
-    """Normal data rounded to eighths in [-2, 2]: exact in float16, rotated or not."""
-    return mx.clip(mx.round(mx.random.normal(shape, key=key) * std * 8) / 8, -2, 2)
-
-
-class Data:
-    """Keys, values and queries for each step. ``h2o``: a fixed direction d (entries +-1);
-    keys are small, but 35% of tokens get -1.75d added ("dead": a query along +d gives them
-    weight exactly 0, so their scores tie at 0); a query is 10d (or, one step in five, -10d:
-    the dead tokens then take nearly all the weight, which shows which of them H2O kept)
-    plus noise."""
-
-    def __init__(self, seed: int, batch: int, heads: tuple[int, int], h2o: bool) -> None:
-        self.key = mx.random.key(seed)
-        self.batch, (self.q_heads, self.kv_heads) = batch, heads
-        self.h2o = h2o
-        self.key, sub = mx.random.split(self.key)
-        self.direction = mx.where(mx.random.uniform(shape=(HEAD_DIM,), key=sub) < 0.5, -1.0, 1.0)
-
-    def next(self, n: int) -> tuple[mx.array, mx.array, mx.array]:
-        self.key, k1, k2, k3, k4, k5 = mx.random.split(self.key, 6)
-        kv_shape, q_shape = (self.batch, self.kv_heads, n, HEAD_DIM), (self.batch, self.q_heads, n, HEAD_DIM)
-        values = grid(kv_shape, k2)
-        queries = mx.random.normal(q_shape, key=k3)
-        if not self.h2o:
-            return grid(kv_shape, k1), values, queries
-        dead = mx.random.uniform(shape=(1, 1, n, 1), key=k4) < 0.35
-        small = grid(kv_shape, k1, std=0.25)
-        keys = mx.where(dead, mx.clip(small - 1.75 * self.direction, -2, 2), small)
-        sign = -1.0 if mx.random.uniform(key=k5).item() < 0.2 else 1.0
-        return keys, values, queries + sign * 10 * self.direction
-
-
-# -- running a program -------------------------------------------------------------------
-def round_trip(cache):
-    """Save with mlx-lm's save_prompt_cache, load with mlxkv.load_prompt_cache."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "cache.safetensors"
-        save_prompt_cache(str(path), [cache])
-        (restored,) = mlxkv.load_prompt_cache(path)
-    assert type(restored) is type(cache)
-    return restored
-
-
-def check_step(cache, ref: ReferenceCache, step: tuple[mx.array, mx.array, mx.array], where: str) -> None:
-    """One update_and_fetch and attend of (keys, values, queries), against the reference."""
-    keys, values, queries = step
-    view, _ = cache.update_and_fetch(keys, values)
-    out = attend(queries, view, scale=SCALE)
-    expected = ref.step(np.array(keys), np.array(values), np.array(queries), SCALE)
-    err = float(np.abs(np.array(out) - expected).max())
-    assert err < 2e-4, f"{where}: attention differs from the reference by {err}"
-    check_counts(cache, ref, where)
-
-
-def check_counts(cache, ref: ReferenceCache, where: str) -> None:
-    assert cache.offset == ref.offset, where
-    assert cache.size() == ref.size(), f"{where}: size() {cache.size()}, reference {ref.size()}"
-    if ref.unit == 1:  # nothing but the window's tokens is held: trimmable exactly until an eviction
-        assert cache.is_trimmable() == ref.trimmable(), f"{where}: is_trimmable() {cache.is_trimmable()}"
-    elif ref.trimmable():  # per-channel windows keep whole groups, so they may evict later
-        assert cache.is_trimmable(), f"{where}: not trimmable though nothing was evicted"
-
-
-def run_program(cache, ref: ReferenceCache, data: Data, program: list[Op]) -> None:
+def run_program(cache, ref: ReferenceCache, data: KVData, program: list[Op]) -> None:
     note(f"{ref.cfg.describe()}; {ref.layout}; {program}")
     try:
         for i, op in enumerate(program):
@@ -202,7 +133,7 @@ SEEDS = st.integers(0, 2**16)
 def test_keep_all_caches_attend_like_the_reference(store, sinks, residual, program, seed, heads, batch):
     cfg = kv_config(ALL_STORES[store], sinks=sinks, residual=residual)
     ref = ReferenceCache(cfg, Layout("all", sinks, residual))
-    run_program(QuantizedCache(cfg), ref, Data(seed, batch, heads, h2o=False), program)
+    run_program(QuantizedCache(cfg), ref, KVData(seed, batch, heads), program)
 
 
 # -- sink window -----------------------------------------------------------------------
@@ -235,7 +166,7 @@ def test_sink_windows_attend_like_the_reference(window, program, seed, heads, ba
         cfg = kv_config(ALL_STORES[store], sinks=sinks, residual=residual, max_kv=sinks + size)
         cache = SinkWindowCache(cfg)
     ref = ReferenceCache(cfg, Layout("window", sinks, residual, window=size))
-    run_program(cache, ref, Data(seed, batch, heads, h2o=False), program)
+    run_program(cache, ref, KVData(seed, batch, heads), program)
 
 
 # -- heavy hitters ---------------------------------------------------------------------
@@ -260,7 +191,7 @@ def test_heavy_hitters_attend_like_the_reference(store, budget, program, seed, h
     sinks, residual, max_kv = budget
     cfg = kv_config(STORES[store], sinks=sinks, residual=residual, max_kv=max_kv, evict="h2o")
     ref = ReferenceCache(cfg, Layout("h2o", sinks, residual, max_kv=max_kv))
-    run_program(HeavyHitterCache(cfg), ref, Data(seed, batch, heads, h2o=True), program)
+    run_program(HeavyHitterCache(cfg), ref, KVData(seed, batch, heads, h2o=True), program)
 
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["one-at-a-time", "several-at-once"])
@@ -274,7 +205,7 @@ def test_h2o_ties_evict_the_oldest(store, chunked):
     sinks, residual, max_kv = 1, 1, 6
     cfg = kv_config(STORES[store], sinks=sinks, residual=residual, max_kv=max_kv, evict="h2o")
     cache, ref = HeavyHitterCache(cfg), ReferenceCache(cfg, Layout("h2o", sinks, residual, max_kv=max_kv))
-    d = Data(9, 1, (2, 1), h2o=True).direction
+    d = KVData(9, h2o=True).direction
     live = [grid((1, 1, 1, HEAD_DIM), mx.random.key(i), std=0.25) for i in range(4)]
     dead = mx.broadcast_to(-2 * d, (1, 1, 1, HEAD_DIM))
     keys = [live[0]] + [dead] * 5 + live[1:] + [dead]
