@@ -13,14 +13,8 @@ import pytest
 from mlxkv.bench.attention import fill, measure_attention, plain_counterpart
 from mlxkv.bench.runner import resolve_configs
 from mlxkv.config import parse_config_spec
-from mlxkv.loading.tiny import tiny_model
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "attention_bench.py"
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model("llama", head_dim=64, num_hidden_layers=2)
 
 
 @pytest.mark.parametrize("scheme, plain", [

@@ -14,15 +14,9 @@ import mlxkv
 from mlxkv.bench import runner
 from mlxkv.cli.main import main
 from mlxkv.config import DEFAULT_RESIDUAL
-from mlxkv.loading.tiny import tiny_model
 
-LAYERS, KV_HEADS, HEAD_DIM = 2, 2, 64
+LAYERS, KV_HEADS, HEAD_DIM = 2, 2, 64  # the tiny llama of conftest.py's `model` fixture
 STEP = 256  # mlx-lm's and our caches grow in steps of 256 tokens
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model("llama", head_dim=HEAD_DIM)  # group size 64 must divide head_dim
 
 
 @pytest.fixture

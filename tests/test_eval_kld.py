@@ -13,15 +13,6 @@ from mlx_lm.models.cache import KVCache
 
 from mlxkv.eval import CacheSpec, evaluate_kld
 from mlxkv.eval.kld import Tally, log_probs
-from mlxkv.loading.tiny import tiny_model
-
-LAYERS, KV_HEADS, HEAD_DIM = 2, 2, 64
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model("llama", head_dim=HEAD_DIM)  # group size 64 must divide head_dim
-
 
 @pytest.fixture(scope="module")
 def tokens():
