@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_TESTS = ["tests/test_cache_properties.py"]
+DEFAULT_TESTS = ["tests/test_cache_properties.py", "tests/test_cache_attention.py", "tests/test_h2o.py"]
+"""The tests that compare the caches with the documented reference (tests/kv_reference.py)."""
 
 
 @dataclass(frozen=True)
