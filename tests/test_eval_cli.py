@@ -8,19 +8,13 @@ import json
 import pytest
 
 import mlxkv
+from conftest import ByteTokenizer
 from mlxkv.cli.eval import passkey_table_rows
 from mlxkv.cli.main import main
 from mlxkv.config import parse_spec
 from mlxkv.errors import UserError
 from mlxkv.eval.corpus import bundled_corpus, corpus_tokens
 from mlxkv.loading.tiny import tiny_model
-
-
-class ByteTokenizer:
-    """Bytes as token ids: the bundled text is ASCII, inside the tiny model's 256 ids."""
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ import mlx.core as mx
 import pytest
 
 import mlxkv
+from conftest import ByteTokenizer
 from mlxkv.cli.main import main
 from mlxkv.eval.layers import allocate_bits, calibrated_config, end_layers, format_layer_bits, layer_sensitivity
 from mlxkv.loading.tiny import tiny_model
@@ -51,10 +52,6 @@ def test_eval_layers_cli_raises_the_most_sensitive_layers(monkeypatch, tmp_path,
     model = tiny_model("llama", head_dim=64, num_hidden_layers=4)
     attn = model.model.layers[2].self_attn
     attn.o_proj.weight = mx.zeros_like(attn.o_proj.weight)
-
-    class ByteTokenizer:
-        def encode(self, text):
-            return list(text.encode("utf-8"))
 
     monkeypatch.setattr(mlxkv, "load", lambda name=None, **kw: (model, ByteTokenizer()))
     out = tmp_path / "layers.json"

@@ -1,9 +1,8 @@
-"""Heavy-hitter eviction (H2O, ``evict="h2o"``) against an independent reference.
-
-The reference keeps explicit per-token lists: the sinks, the newest ``residual`` tokens and,
-up to the budget, the older tokens with the highest attention accumulated by fp32 reference
-attention over exactly the tokens it keeps (fake-quantized when packed). The cache must keep
-the same positions at every step and attend like the reference over them."""
+"""Heavy-hitter eviction (H2O, ``evict="h2o"``) against the documented reference
+(kv_reference.py): it keeps the sinks, the newest ``residual`` tokens and, up to the budget,
+the older tokens with the highest attention accumulated by float32 attention over exactly
+the tokens it keeps (quantized when packed). The cache must attend like it at every step.
+tests/test_cache_properties.py runs random programs of the same kind, ties included."""
 
 from __future__ import annotations
 
@@ -15,123 +14,15 @@ from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import save_prompt_cache
 
 import mlxkv
-from mlxkv.attention import attend
+from conftest import KVData, check_counts, random_tokens, run_chunks, run_logits
+from kv_reference import Layout, ReferenceCache
 from mlxkv.caches import HeavyHitterCache
 from mlxkv.config import KVConfig, parse_spec
 from mlxkv.loading.tiny import tiny_model
-from test_cache_attention import causal, f16_exact, fake_quant, reference_attention
-from test_mlx_lm_integration import run_logits, tokens
 
 
-class ReferenceH2O:
-    """Which positions an H2O cache keeps, decided on per-token lists.
-
-    Before a chunk attends, tokens older than the newest ``residual`` that earlier steps
-    scored leave the recent window: the first ``sinks`` stay, the others take a free slot or
-    replace the lowest-scored heavy hitter (the oldest among equals) if that scored less."""
-
-    def __init__(self, sinks: int, residual: int, max_kv: int) -> None:
-        self.sinks, self.residual = sinks, residual
-        self.capacity = max_kv - sinks - residual
-        self.heavy: list[int] = []
-        self.score: dict[int, float] = {}
-        self.flushed = 0
-
-    def admit(self, first: int, n: int) -> list[int]:
-        """The positions a chunk ``first .. first+n`` attends to, in ascending order."""
-        end = first + n
-        target = min(max(self.flushed, end - self.residual), first)
-        for pos in range(max(self.flushed, self.sinks), target):
-            if len(self.heavy) < self.capacity:
-                self.heavy.append(pos)
-                continue
-            low = min(self.heavy, key=lambda h: (self.score[h], h))
-            others = [self.score[h] for h in self.heavy if h != low]
-            assert_clear(self.score[low], self.score[pos], *others)
-            if self.score[low] < self.score[pos]:
-                self.heavy[self.heavy.index(low)] = pos
-        self.flushed = target
-        return list(range(min(target, self.sinks))) + sorted(self.heavy) + list(range(target, end))
-
-    def observe(self, kept: list[int], weights: mx.array) -> None:
-        for pos, w in zip(kept, weights.tolist()):
-            self.score[pos] = self.score.get(pos, 0.0) + w
-
-
-def assert_clear(low: float, incoming: float, *others: float) -> None:
-    """The reference scores in float64, the cache in float32 on packed data: a near tie would
-    be decided by rounding. Fail loudly rather than compare noise (then change the seed)."""
-    for other in (incoming, *others):
-        assert abs(other - low) > 1e-4 * max(abs(other), abs(low)), "near tie in the reference; change the seed"
-
-
-def cache_positions(cache) -> list[int]:
-    """Positions the cache holds: sinks, heavy hitters (slots), recent tier."""
-    stored = cache.policy.slot_positions(cache.flushed).tolist()
-    sinks = list(range(min(cache.flushed, cache.policy.sinks)))
-    return sinks + sorted(stored) + list(range(cache.flushed, cache.offset))
-
-
-def visible_to_last_query(view) -> int:
-    """Keys the newest query of a step attends to, counted from the view's masks."""
-    count = 0
-    for seg in view.segments:
-        count += seg.length if not isinstance(seg.mask, mx.array) else int(seg.mask[-1].sum().item())
-    return count
-
-
-def run_h2o_against_reference(cfg, chunks, n_q_heads, n_kv_heads, head_dim=64, seed=0):
-    """Feed random chunks; at every step compare kept positions and attention with the
-    reference. Tokens of earlier steps come from the 16-bit tier (rounded when the inputs,
-    rotated or boosted, are not float16-exact), packed ones quantized from there. A fixed direction in every query and a boost along it in some keys make a few
-    later tokens heavy hitters, so eviction is not just 'oldest first'."""
-    cache = HeavyHitterCache(cfg)
-    ref = ReferenceH2O(cfg.sinks, cfg.residual, cfg.max_kv)
-    key = mx.random.key(seed)
-    k1, k2, key = mx.random.split(key, 3)
-    direction = f16_exact((head_dim,), k1)
-    all_k, all_v, offset = [], [], 0
-    scale = head_dim**-0.5
-
-    def tier(x):
-        return x.astype(mx.float16).astype(mx.float32) if cfg.quantized else x
-    for step, n in enumerate(chunks):
-        k1, k2, k3, k4, key = mx.random.split(key, 5)
-        boost = (mx.random.uniform(shape=(1, 1, n, 1), key=k4) < 0.2) * 2.0
-        k = f16_exact((1, n_kv_heads, n, head_dim), k1) + boost * direction
-        v = f16_exact((1, n_kv_heads, n, head_dim), k2)
-        q = mx.random.normal((1, n_q_heads, n, head_dim), key=k3) + direction
-        view, _ = cache.update_and_fetch(k, v)
-        out = attend(q, view, scale=scale)
-        if cfg.rotate:  # the reference works in the rotated space the cache stores
-            k, v, q = mx.hadamard_transform(k), mx.hadamard_transform(v), mx.hadamard_transform(q)
-        chunk_k = [k[..., i : i + 1, :] for i in range(n)]
-        chunk_v = [v[..., i : i + 1, :] for i in range(n)]
-
-        kept = ref.admit(offset, n)
-        assert cache_positions(cache) == kept, f"step {step}: kept positions differ"
-        heavy = set(ref.heavy)
-
-        def version(tokens, pos, bits):  # packed heavy hitters, exact sinks and recent tokens
-            return fake_quant(tokens[pos], bits, cfg.group_size, cfg.mode) if pos in heavy else tokens[pos]
-
-        keys = mx.concatenate([version(all_k + chunk_k, p, cfg.key_bits) for p in kept], axis=2)
-        values = mx.concatenate([version(all_v + chunk_v, p, cfg.value_bits) for p in kept], axis=2)
-        q_pos, k_pos = mx.arange(offset, offset + n), mx.array(kept)
-        expected = reference_attention(q, keys, values, q_pos, k_pos, causal, scale)
-        # the same attention with identity values gives its weights
-        eye = mx.broadcast_to(mx.eye(len(kept)), (1, n_kv_heads, len(kept), len(kept)))
-        weights = reference_attention(q, keys, eye, q_pos, k_pos, causal, scale)
-        ref.observe(kept, weights.sum(axis=(0, 1, 2)))
-        if cfg.rotate:
-            expected = mx.hadamard_transform(expected)
-        err = mx.abs(out - expected).max().item()
-        assert err < 3e-4, f"step {step} (chunk {n}, offset {offset}): max error {err}"
-        # after its step a token waits in the recent tier: 16-bit beside a packed store
-        all_k += [tier(x) for x in chunk_k]
-        all_v += [tier(x) for x in chunk_v]
-        offset += n
-    return cache, ref
+def h2o_layout(cfg: KVConfig) -> Layout:
+    return Layout("h2o", cfg.sinks, cfg.residual, max_kv=cfg.max_kv)
 
 
 CHUNKS = [10] + [1] * 30 + [7, 1, 1, 33] + [1] * 20 + [5, 1]
@@ -148,39 +39,30 @@ CHUNKS = [10] + [1] * 30 + [7, 1, 1, 33] + [1] * 20 + [5, 1]
     ],
     ids=lambda c: c.describe(),
 )
-def test_h2o_keeps_what_the_reference_keeps_and_attends_like_it(cfg):
-    cache, ref = run_h2o_against_reference(cfg, CHUNKS, 6, 2)
+def test_h2o_attends_like_the_reference(cfg):
+    ref = ReferenceCache(cfg, h2o_layout(cfg))
+    run_chunks(HeavyHitterCache(cfg), ref, CHUNKS, KVData(0, heads=(6, 2), h2o=True))
     assert set(ref.heavy) - set(range(4, 14)), "no later token became a heavy hitter: the data tests nothing"
 
 
-def test_h2o_keeps_exactly_the_budget_and_never_evicts_sinks_or_recent():
+def test_h2o_over_a_long_decode_keeps_its_budget():
+    """200 decode steps after a prompt: the reference keeps the sinks, the 8 newest and the
+    heaviest 28 others, exactly the budget; the cache attends like it throughout."""
     cfg = KVConfig(bits=4, max_kv=40, sinks=4, residual=8, evict="h2o")
-    cache = HeavyHitterCache(cfg)
-    mx.random.seed(3)
-    direction = mx.random.normal((64,))
-    view, _ = cache.update_and_fetch(*(mx.random.normal((1, 2, 12, 64)),) * 2)
-    for step in range(200):
-        k = mx.random.normal((1, 2, 1, 64)) + (step % 7 == 0) * 3 * direction
-        view, _ = cache.update_and_fetch(k, mx.random.normal((1, 2, 1, 64)))
-        attend(mx.random.normal((1, 4, 1, 64)) + direction, view, scale=0.125)
-        held = cache_positions(cache)
-        if cache.offset >= cfg.max_kv:
-            assert visible_to_last_query(view) == len(held) == cfg.max_kv
-        assert held[:4] == [0, 1, 2, 3]  # the sinks
-        assert held[-8:] == list(range(cache.offset - 8, cache.offset))  # the recent window
-    assert cache.size() == cfg.max_kv
+    cache, ref = HeavyHitterCache(cfg), ReferenceCache(cfg, h2o_layout(cfg))
+    run_chunks(cache, ref, [12] + [1] * 200, KVData(3, heads=(4, 2), h2o=True))
+    assert len(ref.heavy) == 28 and cache.size() == cfg.max_kv
     assert not cache.is_trimmable()
 
 
 def test_h2o_is_trimmable_until_something_is_evicted():
-    cache = HeavyHitterCache(KVConfig(bits=8, max_kv=20, sinks=2, residual=4, evict="h2o"))
-    x = mx.random.normal((1, 2, 1, 64))
-    for _ in range(12):
-        attend(x, cache.update_and_fetch(x, x)[0], scale=0.125)
-    assert cache.is_trimmable() and cache.trim(3) == 3
-    assert cache_positions(cache) == list(range(9))
-    for _ in range(30):
-        attend(x, cache.update_and_fetch(x, x)[0], scale=0.125)
+    cfg = KVConfig(bits=8, max_kv=20, sinks=2, residual=4, evict="h2o")
+    cache, ref = HeavyHitterCache(cfg), ReferenceCache(cfg, h2o_layout(cfg))
+    data = KVData(4, h2o=True)
+    run_chunks(cache, ref, [1] * 12, data)
+    assert cache.is_trimmable() and cache.trim(3) == ref.trim(3) == 3
+    check_counts(cache, ref, "after the trim")
+    run_chunks(cache, ref, [1] * 30, data)  # continues as if the 3 tokens had never come
     assert not cache.is_trimmable()
 
 
@@ -191,20 +73,20 @@ def test_h2o_in_mlx_lm_generate_has_constant_kv_bytes_and_flat_memory():
     cache = mlxkv.make_kv_cache(model, config)
     assert all(type(c) is HeavyHitterCache for c in cache)
     kv_bytes, active = {}, {}
-    for step, _ in zip(range(1, 401), generate_step(tokens(8), model, max_tokens=400, prompt_cache=cache)):
+    for step, _ in zip(range(1, 401), generate_step(random_tokens(8), model, max_tokens=400, prompt_cache=cache)):
         if step in (100, 400):
             mx.eval([c.state for c in cache])
             kv_bytes[step] = sum(c.nbytes for c in cache)
             active[step] = mx.get_active_memory()
     assert kv_bytes[100] == kv_bytes[400] > 0
-    assert all(c.size() == 64 and len(cache_positions(c)) == 64 for c in cache)
+    assert all(c.size() == 64 for c in cache)
     # scores are summed step by step: no graph (and no attention weights) piles up
     assert active[400] - active[100] < 100_000, active
 
 
 def test_h2o_prompt_cache_round_trip_continues_identically(tmp_path):
     model = tiny_model("llama", head_dim=64)
-    toks = tokens(90)
+    toks = random_tokens(90)
     config = KVConfig(bits=8, max_kv=40, sinks=4, residual=6, evict="h2o")
     cache = mlxkv.make_kv_cache(model, config)
     run_logits(model, cache, toks[:60], chunks=(16, 16, 16) + (1,) * 12)
@@ -213,12 +95,10 @@ def test_h2o_prompt_cache_round_trip_continues_identically(tmp_path):
     save_prompt_cache(str(path), cache)
     restored = mlxkv.load_prompt_cache(path)
     assert [type(c) for c in restored] == [HeavyHitterCache] * len(cache)
-    for a, b in zip(cache, restored):
-        assert a.meta_state == b.meta_state and cache_positions(a) == cache_positions(b)
+    assert all(a.meta_state == b.meta_state for a, b in zip(cache, restored))
     cont_a = run_logits(model, cache, toks[60:], chunks=(1,) * 30)
     cont_b = run_logits(model, restored, toks[60:], chunks=(1,) * 30)
     assert mx.array_equal(cont_a, cont_b)
-    assert all(cache_positions(a) == cache_positions(b) for a, b in zip(cache, restored))
 
 
 # -- configuration -------------------------------------------------------------------------

@@ -14,6 +14,8 @@ from mlx_lm.models.cache import ArraysCache, make_prompt_cache, save_prompt_cach
 from mlx_lm.sample_utils import make_sampler
 
 import mlxkv
+from conftest import random_tokens as tokens
+from conftest import run_logits
 from mlxkv.caches import QuantizedCache, SinkWindowCache
 from mlxkv.loading.tiny import tiny_model
 
@@ -32,21 +34,6 @@ ARCHS = list(ARCH_OVERRIDES)
 
 def model_for(arch):
     return tiny_model(arch, **ARCH_OVERRIDES[arch])
-
-
-def tokens(n, seed=1):
-    return mx.random.randint(0, 256, (n,), key=mx.random.key(seed))
-
-
-def run_logits(model, cache, toks, chunks=(16,) * 4 + (1,) * 12):
-    """Feed toks through model in the given chunk sizes; all logits, stacked."""
-    out, start = [], 0
-    for size in chunks:
-        piece = toks[start : start + size]
-        start += size
-        out.append(model(piece[None], cache=cache)[0])
-        mx.eval(out[-1])
-    return mx.concatenate(out)
 
 
 def kl(ref, other):
@@ -80,7 +67,8 @@ def test_layout_follows_the_models_own_make_cache():
     gemma = model_for("gemma3_text")
     caches = mlxkv.make_kv_cache(gemma, "q4")
     assert [type(c) for c in caches] == [SinkWindowCache, QuantizedCache] * 2
-    assert caches[0].policy.window == 8 and caches[0].policy.sinks == 0
+    run_logits(gemma, caches, tokens(20), chunks=(20,))
+    assert [c.size() for c in caches] == [8, 20] * 2  # the model's own window: 8 tokens, no sinks
     hybrid = model_for("lfm2")
     caches = mlxkv.make_kv_cache(hybrid, "q4")
     assert [type(c) for c in caches] == [ArraysCache, QuantizedCache] * 2
@@ -195,7 +183,7 @@ def test_trim_drops_the_newest_tokens_of_a_quantized_cache():
     for _ in range(10):
         cache.update_and_fetch(mx.ones((1, 2, 1, 64)), mx.ones((1, 2, 1, 64)))
     assert cache.trim(6) == 6  # 4 from the residual tier, 2 from the packed store
-    assert (cache.offset, cache.flushed, cache.recent_keys) == (4, 4, None)
+    assert cache.offset == cache.size() == 4 and cache.is_trimmable()
     window = SinkWindowCache(mlxkv.KVConfig(bits=4, max_kv=12, sinks=2, residual=2))
     for _ in range(30):
         window.update_and_fetch(mx.ones((1, 2, 1, 64)), mx.ones((1, 2, 1, 64)))
