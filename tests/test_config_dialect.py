@@ -90,3 +90,25 @@ def test_every_scheme_builds_and_baselines_are_never_ranked():
     assert all(not s.baseline for s in ranked())
     klds = [s.measured.kld for s in ranked() if s.measured]
     assert klds == sorted(klds)
+
+
+def test_window_bits_reach_the_models_own_window_layers_only():
+    """Gemma's sliding-window layers take window_bits; its global layers keep the scheme."""
+    import mlx.core as mx
+
+    import mlxkv
+    from mlxkv.loading.tiny import tiny_model
+
+    model = tiny_model("gemma3_text", head_dim=64, query_pre_attn_scalar=64)
+    tokens = mx.zeros((1, 40), dtype=mx.int32)
+
+    def layer_bytes(config):
+        cache = mlxkv.make_kv_cache(model, config)
+        model(tokens, cache=cache)
+        return [c.nbytes for c in cache]
+
+    mixed = layer_bytes(KVConfig.from_name("q4-kivi-rot", window_bits=16))
+    full, packed = layer_bytes(KVConfig()), layer_bytes(KVConfig.from_name("q4-kivi-rot"))
+    sliding = [type(c).__name__ == "RotatingKVCache" for c in model.make_cache()]
+    assert any(sliding) and not all(sliding)
+    assert mixed == [f if s else p for f, p, s in zip(full, packed, sliding)]

@@ -42,7 +42,8 @@ def make_kv_cache(model: nn.Module, config: KVConfig | str | None = None) -> lis
         config.precision.check_head_dim(head_dim)
     config.precision.check_layers(len(template))
     hook.install()
-    return [_mlxkv_cache(c, config.for_layer(i, len(template))) for i, c in enumerate(template)]
+    return [_mlxkv_cache(c, config.for_layer(i, len(template), sliding=type(c) is RotatingKVCache))
+            for i, c in enumerate(template)]
 
 
 def _mlxkv_cache(layer_cache: Any, config: KVConfig) -> Any:

@@ -38,6 +38,8 @@ FIELD_FLAGS: tuple[tuple[tuple[str, ...], str, str], ...] = (
                                      "e.g. '1k:8,4k:4'"),
     (("--kv-bits-map",), "layer_bits", "per-layer bits, e.g. '0:8,-1:8' (negative layers count from the end; "
                                        "16 = full precision)"),
+    (("--kv-window-bits",), "window_bits", "bits of the model's own sliding-window layers (Gemma 3's local layers; "
+                                           "16 = full precision, as mlx-lm keeps them)"),
 )
 BOOL_FLAGS = (
     ("--kv-rotate", "rotate", "Hadamard-rotate keys/queries and values before quantizing (spreads outliers)"),

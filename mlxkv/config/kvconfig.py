@@ -37,6 +37,9 @@ class KVConfig:
     kept 16-bit by quantized caches), ``residual`` (newest tokens kept 16-bit; None: 32, or half
     the budget for H2O), ``evict`` ("window": StreamingLLM; "h2o": heavy hitters).
 
+    ``window_bits``: bits of the model's own sliding-window layers (Gemma 3's local layers;
+    16 = full precision; None = like the other layers).
+
     ``backend``: "mlxkv" (ours) or "mlx-lm" (mlx-lm's own caches, as a baseline).
     """
 
@@ -55,6 +58,7 @@ class KVConfig:
     adaptive: tuple[tuple[int, int], ...] = ()
     backend: str = "mlxkv"
     evict: str = "window"
+    window_bits: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("layer_bits", "adaptive"):  # lists from JSON or a notebook: normalized, not changed
@@ -116,12 +120,13 @@ class KVConfig:
         """The fields as given (JSON-ready): ``KVConfig(**config.to_dict()) == config``."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
-    def for_layer(self, layer: int, n_layers: int) -> "KVConfig":
-        """This config with ``layer_bits`` applied to one layer."""
-        if not self.layer_bits:
-            return self
-        p = self.precision.for_layer(layer, n_layers)
-        return self.replace(bits=p.bits, k_bits=p.k_bits, v_bits=p.v_bits, layer_bits=())
+    def for_layer(self, layer: int, n_layers: int, sliding: bool = False) -> "KVConfig":
+        """This config for one layer: ``layer_bits`` applied, and ``window_bits`` on a layer
+        with the model's own sliding window (``sliding``)."""
+        if not self.layer_bits and (self.window_bits is None or not sliding):
+            return self.replace(window_bits=None) if self.window_bits is not None else self
+        p = self.precision.for_layer(layer, n_layers, sliding)
+        return self.replace(**{name: getattr(p, name) for name in PRECISION_FIELDS})
 
     def describe(self) -> str:
         """A short human label, e.g. '4-bit g64 per-channel K rotated res32, window 4+1020'."""
@@ -138,6 +143,8 @@ class KVConfig:
             base += f", h2o {self.max_kv} = {self.sinks} sinks + {heavy} heavy hitters + {self.effective_residual} recent"
         elif self.max_kv is not None:
             base += f", window {self.sinks}+{self.max_kv - self.sinks}"
+        if self.window_bits is not None:
+            base += f"; the model's window layers {self.window_bits}-bit"
         return base
 
     # -- checks -----------------------------------------------------------------------------

@@ -59,6 +59,9 @@ class Precision:
     quantizing. per_channel_keys: keys quantized per channel over groups of tokens (KIVI).
     layer_bits: ((layer, bits), ...) per-layer bits. adaptive: ((tokens, bits), ...) steps
     from full precision as the context grows. quantized_kv_start: full precision until then.
+    window_bits: bits of the model's own sliding-window layers (Gemma 3's local layers): their
+    cache is bounded by the window, so quantizing it saves little (16 = full precision, as
+    mlx-lm leaves them; None = like the other layers).
     """
 
     bits: int | None = None
@@ -71,6 +74,7 @@ class Precision:
     layer_bits: tuple[tuple[int, int], ...] = ()
     adaptive: tuple[tuple[int, int], ...] = ()
     quantized_kv_start: int = 0
+    window_bits: int | None = None
 
     # -- derived ---------------------------------------------------------------------------
     @property
@@ -112,10 +116,17 @@ class Precision:
             return (Stage(0, None, None), *(s for s in steps if self.quantized))
         return steps
 
-    def for_layer(self, layer: int, n_layers: int) -> "Precision":
-        """This precision with ``layer_bits`` applied to one layer."""
+    def for_layer(self, layer: int, n_layers: int, sliding: bool = False) -> "Precision":
+        """This precision for one layer: ``layer_bits`` first, else ``window_bits`` on a layer with
+        the model's own sliding window."""
         from dataclasses import replace
 
+        if sliding and self.window_bits is not None and not any(i % n_layers == layer for i, _ in self.layer_bits):
+            bits = resolve_bits(self.window_bits)  # affine at those bits, or full precision
+            quantized = bits is not None
+            return replace(self, bits=bits, k_bits=None, v_bits=None, mode="affine", layer_bits=(), adaptive=(),
+                           quantized_kv_start=0, window_bits=None, per_channel_keys=self.per_channel_keys and quantized,
+                           rotate=self.rotate and quantized)
         for index, bits in self.layer_bits:
             if index % n_layers == layer:
                 return replace(self, bits=resolve_bits(bits), k_bits=None, v_bits=None, layer_bits=())
@@ -157,6 +168,7 @@ class Precision:
                             f"{', '.join(map(str, SUPPORTED_GROUP_SIZES))}")
         for layer, bits in self.layer_bits:
             check_bits(bits, f"layer {layer}: bits")
+        check_bits(self.window_bits, "window_bits")
         if self.layer_bits and self.mode != "affine":
             raise UserError("per-layer bits work with affine quantization only")
         self._validate_stages()

@@ -102,6 +102,7 @@ FIELD_PARSERS: dict[str, Callable[[str], Any]] = {
     "layer_bits": parse_layer_bits,
     "adaptive": parse_adaptive,
     "quantized_kv_start": lambda t: parse_tokens(t, "quantized_kv_start", minimum=0),
+    "window_bits": lambda t: parse_bits(t, "window_bits"),
     "max_kv": _optional_tokens("max_kv", 1),
     "sinks": lambda t: parse_tokens(t, "sinks", minimum=0),
     "residual": _optional_tokens("residual", 0),

@@ -91,8 +91,13 @@ def layer_bytes(config: KVConfig | str, layers: Layers, dtype_bytes: int = FP16_
     """One counter per cache of the model (None where the cache is not a KV cache), with
     per-layer bits applied as ``make_kv_cache`` does."""
     config, specs = as_config(config), as_layers(layers)
-    return [None if layer is None else LayerBytes(config.for_layer(i, len(specs)), layer, dtype_bytes, batch)
+    return [None if layer is None else LayerBytes(_for_layer(config, i, specs), layer, dtype_bytes, batch)
             for i, layer in enumerate(specs)]
+
+
+def _for_layer(config: KVConfig, i: int, specs: Sequence[LayerSpec | None]) -> KVConfig:
+    """The config ``make_kv_cache`` gives layer ``i`` (per-layer bits, window-layer bits)."""
+    return config.for_layer(i, len(specs), sliding=specs[i].window is not None)
 
 
 def kv_bytes_per_token(config: KVConfig | str, layers: Layers, dtype_bytes: int = FP16_BYTES, batch: int = 1) -> int:
@@ -117,7 +122,7 @@ def predict_layer_bytes(config: KVConfig | str, layers: Layers, tokens: int | No
         if layer is None:
             result.append(0)
             continue
-        key = (config.for_layer(i, len(specs)), layer)
+        key = (_for_layer(config, i, specs), layer)
         if key not in done:
             counter = LayerBytes(*key, dtype_bytes, batch)
             if chunk_list is None:
