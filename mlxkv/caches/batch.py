@@ -227,12 +227,18 @@ class BatchCache:
         n_sinks = [min(plan.new_flushed, self.n_sinks) for plan in plans] if scored else sinks_before
         segments = []
         S = self.key_store.capacity
+        first = mx.array([plan.first for plan in plans])[:, None]
+        shown_at = mx.array(shown)[:, None]
+        policy = self.books[0].policy
         if S:
-            visible = mx.stack([self._history_mask(book, plan, s, S) for book, plan, s in zip(self.books, plans, shown)])
-            segments.append(Segment(self.key_store.parts, self.value_store.parts, self.key_store,
-                                    self.value_store, S, visible[:, None, :]))
-        exact_mask = mx.stack([self._exact_mask(book, plan, s, k) for book, plan, s, k in
-                               zip(self.books, plans, shown, n_sinks)])
+            segments.append(Segment(self.key_store.parts, self.value_store.parts, self.key_store, self.value_store,
+                                    S, self._history_mask(plans, first, shown, S)[:, None, :]))
+        ring_pos = first - 1 - (first - 1 - mx.arange(self.ring)[None]) % self.ring  # column i holds p = i (mod R)
+        recent = (ring_pos >= shown_at) & (ring_pos >= 0)
+        if policy.limits_view():
+            recent = recent & policy.sees(first, ring_pos)
+        sinks = mx.arange(self.n_sinks)[None] < mx.array(n_sinks)[:, None]
+        exact_mask = mx.concatenate([sinks, recent, mx.ones((len(plans), 1), dtype=mx.bool_)], axis=1)
         exact_keys = mx.concatenate([self.sink_keys.astype(keys.dtype), keys], axis=2)
         exact_values = mx.concatenate([self.sink_values.astype(values.dtype), values], axis=2)
         segments.append(Segment((exact_keys,), (exact_values,), _EXACT, _EXACT, exact_keys.shape[2],
@@ -240,25 +246,18 @@ class BatchCache:
         observer = self._observer(plans) if scored else None
         return KVView(segments, rotated=self.config.rotate, observer=observer)
 
-    def _history_mask(self, book: CacheBook, plan: ChunkPlan, shown: int, S: int) -> mx.array:
-        positions = book.policy.slot_positions(plan.new_flushed)
-        q = mx.array([plan.first])
-        if positions is None:  # keep-all: slot j holds position sinks + j
-            filled = max(min(plan.new_flushed, shown) - book.policy.sinks, 0)
-            return mx.arange(S) < filled
-        n = positions.shape[0]
-        seen = (positions < shown) & book.policy.visible(q, positions)[0]
-        return mx.concatenate([seen, mx.zeros((S - n,), dtype=mx.bool_)]) if n < S else seen
-
-    def _exact_mask(self, book: CacheBook, plan: ChunkPlan, shown: int, n_sinks: int) -> mx.array:
-        q = mx.array([plan.first])
-        sinks = mx.arange(self.n_sinks) < n_sinks
-        # ring column i holds the recent position p = i (mod R) just below the new token
-        ring_pos = plan.first - 1 - (plan.first - 1 - mx.arange(self.ring)) % self.ring
-        recent = (ring_pos >= shown) & (ring_pos >= 0)
-        if book.policy.limits_view():
-            recent = recent & book.policy.visible(q, ring_pos)[0]
-        return mx.concatenate([sinks, recent, mx.array([True])])
+    def _history_mask(self, plans: list[ChunkPlan], first: mx.array, shown: list[int], S: int) -> mx.array:
+        """[B, S]: which store slots each row's query sees (what its single cache would show)."""
+        policy = self.books[0].policy
+        if policy.slot_positions(plans[0].new_flushed) is None:  # keep-all: slot j holds position sinks + j
+            filled = [max(min(plan.new_flushed, s) - policy.sinks, 0) for plan, s in zip(plans, shown)]
+            return mx.arange(S)[None] < mx.array(filled)[:, None]
+        rows = []
+        for book, plan in zip(self.books, plans):
+            positions = book.policy.slot_positions(plan.new_flushed)
+            rows.append(mx.pad(positions, (0, S - positions.shape[0]), constant_values=-1))
+        positions = mx.stack(rows)
+        return (positions >= 0) & (positions < mx.array(shown)[:, None]) & policy.sees(first, positions)
 
     def _observer(self, plans: list[ChunkPlan]):
         """H2O: each row's policy gets its own attention (per row, not summed over the batch)."""

@@ -37,6 +37,7 @@ class Policy(Protocol):
     def slot_of(self, pos: int) -> int: ...
     def placements(self, plan: ChunkPlan) -> list[Run]: ...
     def slot_positions(self, flushed: int) -> mx.array | None: ...
+    def sees(self, q: mx.array, k: mx.array) -> mx.array: ...
     def visible(self, q_pos: mx.array, k_pos: mx.array) -> mx.array: ...
     def limits_view(self) -> bool: ...
     def overwrites(self, flushed: int, n: int) -> bool: ...
@@ -92,8 +93,13 @@ class KeepAll(_Unscored):
         """None: slot i holds position ``sinks + i`` (the caller reads only the filled slots)."""
         return None
 
+    def sees(self, q: mx.array, k: mx.array) -> mx.array:
+        """Whether a query at position q sees the key at k, elementwise (shapes broadcast)."""
+        return k <= q
+
     def visible(self, q_pos: mx.array, k_pos: mx.array) -> mx.array:
-        return k_pos[None, :] <= q_pos[:, None]
+        """[L, T]: which keys (positions ``k_pos``) each query (``q_pos``) sees."""
+        return self.sees(q_pos[:, None], k_pos[None, :])
 
     def limits_view(self) -> bool:
         """Whether visibility can hide older tokens from a query (beyond causality)."""
@@ -156,9 +162,10 @@ class SinkWindow(_Unscored):
         r = mx.arange(min(stored, self.ring))
         return self.sinks + r + self.ring * ((stored - 1 - r) // self.ring)
 
-    def visible(self, q_pos: mx.array, k_pos: mx.array) -> mx.array:
-        q, k = q_pos[:, None], k_pos[None, :]
+    def sees(self, q: mx.array, k: mx.array) -> mx.array:
         return (k <= q) & ((k < self.sinks) | (q - k < self.window))
+
+    visible = KeepAll.visible
 
     def limits_view(self) -> bool:
         return True
@@ -294,6 +301,7 @@ class HeavyHitters:
 
     # Causal only: heavy hitters may lie far in the past. Nothing a step's queries need is
     # overwritten: they attend after the flush, evictions included.
+    sees = KeepAll.sees
     visible = KeepAll.visible
     limits_view = KeepAll.limits_view
     overwrites = KeepAll.overwrites
