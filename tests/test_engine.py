@@ -126,3 +126,26 @@ def test_stop_strings_end_the_answer_without_them():
     request = engine.generate([tokens], SamplingParams(max_tokens=12, stop=[stop]))[0]
     assert request.finish_reason == "stop" and stop not in request.text
     assert request.text == "".join(f"<{t}>" for t in full[: full.index(full[5])])
+
+
+def test_a_process_that_ran_the_engine_thread_exits_cleanly():
+    """MLX aborts at exit ("terminate called without an active exception") unless the thread
+    that ran it frees its streams: the engine thread does."""
+    import subprocess
+    import sys
+
+    code = (
+        "import mlxkv\n"
+        "from mlxkv.engine import Engine, SamplingParams\n"
+        "from mlxkv.loading.tiny import tiny_model\n"
+        "from tests.test_engine import Tokenizer\n"
+        "engine = Engine(tiny_model('llama', head_dim=64), Tokenizer(), mlxkv.KVConfig.from_name('q4')).start()\n"
+        "print(len(engine.submit(list(range(1, 40)), SamplingParams(max_tokens=5)).result()))\n"
+        "engine.stop()\n"
+    )
+    from pathlib import Path
+
+    for _ in range(3):  # without the fix most runs abort, not all
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                              cwd=Path(__file__).resolve().parents[1])
+        assert done.returncode == 0, done.stderr[-500:]

@@ -144,6 +144,12 @@ class Engine:
             request._finish("cancelled")
 
     def _loop(self) -> None:
+        try:
+            self._steps()
+        finally:  # MLX frees a thread's streams only when asked: else the process aborts at exit
+            mx.clear_streams()
+
+    def _steps(self) -> None:
         while True:
             with self._lock:
                 while self._running and not (self.waiting or self.active):
