@@ -23,6 +23,13 @@ EVERY_SCHEME = (
 )
 """QUALITY.md, 'Every scheme': SmolLM2-135M-Instruct Q4_1, 1,024 tokens of the bundled text, chunks of 16."""
 
+KIVI_ROT_SWEEP = (
+    "mlxkv eval kld --tokens 1024 --chunk 16 --configs q8,q8:per_channel_keys=1:rotate=1,q6,"
+    "q6:per_channel_keys=1:rotate=1,q5,q5:per_channel_keys=1:rotate=1,q3,q3:rotate=1,q3:per_channel_keys=1,"
+    "q3:per_channel_keys=1:rotate=1,q2:per_channel_keys=1:rotate=1"
+)
+"""QUALITY.md, 'Per-channel keys and rotation at every bit width' (the same model, text and chunks)."""
+
 
 @dataclass(frozen=True)
 class Measured:
@@ -77,6 +84,17 @@ SCHEMES: Mapping[str, Scheme] = _schemes(
            Measured(2.105e-3, 5.219)),
     Scheme("q4-kivi-rot", {"bits": 4, "per_channel_keys": True, "rotate": True},
            "4-bit, per-channel keys, rotated", Measured(1.51e-3, 5.219)),
+    Scheme("q8-kivi-rot", {"bits": 8, "per_channel_keys": True, "rotate": True},
+           "8-bit, per-channel keys, rotated", Measured(5.15e-6, 8.969, KIVI_ROT_SWEEP)),
+    Scheme("q6-kivi-rot", {"bits": 6, "per_channel_keys": True, "rotate": True},
+           "6-bit, per-channel keys, rotated", Measured(8.24e-5, 7.094, KIVI_ROT_SWEEP)),
+    Scheme("q5-kivi-rot", {"bits": 5, "per_channel_keys": True, "rotate": True},
+           "5-bit, per-channel keys, rotated", Measured(2.99e-4, 6.156, KIVI_ROT_SWEEP)),
+    Scheme("q3-kivi-rot", {"bits": 3, "per_channel_keys": True, "rotate": True},
+           "3-bit, per-channel keys, rotated", Measured(8.22e-3, 4.281, KIVI_ROT_SWEEP)),
+    Scheme("q3-rot", {"bits": 3, "rotate": True}, "3-bit, Hadamard-rotated", Measured(2.196e-2, 3.939, KIVI_ROT_SWEEP)),
+    Scheme("q2-kivi-rot", {"bits": 2, "per_channel_keys": True, "rotate": True},
+           "2-bit, per-channel keys, rotated", Measured(5.905e-2, 3.344, KIVI_ROT_SWEEP)),
     Scheme("k4v3-rot", {"k_bits": 4, "v_bits": 3, "rotate": True}, "4-bit keys, 3-bit values, rotated",
            Measured(5.92e-3, 4.422)),
     Scheme("k3v2-kivi-rot", {"k_bits": 3, "v_bits": 2, "per_channel_keys": True, "rotate": True, "residual": 0},

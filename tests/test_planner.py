@@ -219,13 +219,18 @@ def test_plan_rows_and_recommendation():
     fp16_total = weights + predict_kv_bytes("fp16", layout, 32768)
     budget = fp16_total - 1  # fp16 misses by one byte
     rows = plan(layout, 32768, budget, weights, candidate_configs())
-    assert [r.config for r in rows][:3] == ["fp16", "q8", "q6"]  # the registry, best measured first
     by_name = {r.config: r for r in rows}
     assert not by_name["fp16"].fits and by_name["q8"].fits
     assert by_name["fp16"].bits_per_element == 16 and by_name["q4"].bits_per_element == 4.5
     assert by_name["q8"].kv_bytes_per_token == 69_632  # 8 bits + 2 x 16 bits per 64 elements
     name, reason = recommend(rows, budget, 32768)
-    assert name == "q8" and "fp16 would need" in reason
+    # the choice fits, and every scheme measured better than it does not
+    from mlxkv.schemes import SCHEMES
+
+    chosen = SCHEMES[name].measured.kld
+    assert by_name[name].fits and "would need" in reason
+    better = [r for r in rows if SCHEMES[r.config].measured and SCHEMES[r.config].measured.kld < chosen]
+    assert better and not any(r.fits for r in better)
     assert recommend(plan(layout, 32768, weights, weights, candidate_configs()), weights, 32768) is None
 
 
@@ -244,7 +249,7 @@ def test_recommend_config_for_a_loaded_model_and_a_config():
     name, reason = recommend_config(model, 2000, weights + kv_fp32)
     assert name == "fp16" and "2,000 tokens" in reason
     name, _ = recommend_config(model, 2000, weights + kv_fp32 - 1)
-    assert name == "q8"
+    assert name == "q8-kivi-rot"  # the best measured scheme that fits (QUALITY.md)
     with pytest.raises(UserError, match="no KV configuration fits"):
         recommend_config(model, 10**6, weights + kv_fp32)
     with pytest.raises(UserError, match="cannot read the memory budget"):
