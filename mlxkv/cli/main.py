@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # Sub-command name -> module under mlxkv.cli with add_parser(subparsers) and run(args) -> int.
@@ -42,16 +43,28 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from mlxkv.errors import UserError
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
     try:
-        return int(args.run(args) or 0)
+        args = build_parser().parse_args(argv)  # --help writes to stdout too
+        code = int(args.run(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows up here at the latest
+        return code
     except UserError as e:
         print(f"mlxkv: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("mlxkv: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return _stdout_closed()
+
+
+def _stdout_closed() -> int:
+    """The reader of stdout went away (``mlxkv plan | head -1``): stop quietly, as Python's
+    docs recommend for SIGPIPE. stdout is pointed at /dev/null so that the interpreter's
+    final flush of the unwritten output does not raise again at exit."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 1
 
 
 if __name__ == "__main__":
