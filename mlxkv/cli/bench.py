@@ -138,14 +138,13 @@ def run(args: argparse.Namespace) -> int:
 def check_arguments(args: argparse.Namespace) -> None:
     """What can be checked before loading a model: configs, trials, output paths, matplotlib."""
     from mlxkv.bench.runner import resolve_configs
-    from mlxkv.report import require_pyplot
+    from mlxkv.report import check_plot_path
 
     args.configs = specs_from_args(args, args.configs)
     resolve_configs(args.configs)
-    for path, option in ((args.json, "--json"), (args.markdown, "--markdown"), (args.plot, "--plot")):
+    for path, option in ((args.json, "--json"), (args.markdown, "--markdown")):
         check_output_path(path, option)
-    if args.plot:
-        require_pyplot()
+    check_plot_path(args.plot, "--plot")
 
 
 def bench_and_report(model: Any, model_name: str, args: argparse.Namespace, weights_dtype: str | None = None) -> int:

@@ -11,7 +11,7 @@ import argparse
 import sys
 
 from mlxkv.cli.common import (
-    add_generation_arguments, add_model_argument, encode_chat, load_model, note, sampling_from_args,
+    add_generation_arguments, add_model_argument, encode_chat, load_model, note, sampling_from_args, size_arg,
 )
 from mlxkv.cli.kv_args import add_kv_arguments, kv_epilog, request_from_args
 
@@ -30,7 +30,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_model_argument(p)
     add_generation_arguments(p, max_tokens=512)
     add_kv_arguments(p)
-    p.add_argument("--memory", metavar="SIZE", help="budget for --kv-bits auto, e.g. 8GB")
+    p.add_argument("--memory", metavar="SIZE", type=size_arg, help="budget for --kv-bits auto, e.g. 8GB")
     p.set_defaults(run=run)
 
 

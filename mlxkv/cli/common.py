@@ -45,6 +45,17 @@ def tokens_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def size_arg(text: str) -> int:
+    """argparse type for a memory size: '8GB', '512MB' (mlxkv.units.parse_bytes: powers of 1024, a unit
+    required), so a bad size fails before anything loads and the message names the flag."""
+    from mlxkv.units import parse_bytes
+
+    try:
+        return parse_bytes(text, "size")
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def count_arg(flag: str, minimum: int = 1):
     """argparse type for a count such as --trials: a whole number >= ``minimum`` (errors.at_least)."""
     from mlxkv.errors import at_least
