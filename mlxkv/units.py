@@ -13,6 +13,11 @@ import re
 
 from mlxkv.errors import UserError
 
+KB, MB, GB = 1024, 1024**2, 1024**3
+"""What mlxkv's labels mean, in tables, plots and messages alike."""
+UNITS_NOTE = "MB = 1024^2 bytes, GB = 1024^3 (as RAM is sold)"
+"""The one sentence that says so, for --help and table notes."""
+
 SIZE_HELP = "powers of 1024, a unit required: 8GB = 8GiB, 512MB"
 """How a size flag reads its value, for --help."""
 

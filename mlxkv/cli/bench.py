@@ -15,8 +15,7 @@ from mlxkv.cli.kv_args import add_kv_arguments, kv_epilog, specs_from_args
 from mlxkv.loading import load_info
 from mlxkv.loading.models import MODEL_HELP
 from mlxkv.report import check_output_path
-
-MIB = 2**20
+from mlxkv.units import MB, UNITS_NOTE
 
 COLUMNS = (
     ("config", "config"),
@@ -27,8 +26,8 @@ COLUMNS = (
     ("decode_spread", "min-max"),
     ("decode_tps_vs_baseline", "x mlx-lm"),
     ("decode_tps_vs_fp16", "x fp16"),
-    ("peak_mib", "peak MiB"),
-    ("kv_mib", "KV MiB"),
+    ("peak_mb", "peak MB"),
+    ("kv_mb", "KV MB"),
     ("kv_vs_fp16", "KV x fp16"),
     ("kv_bits_per_element", "bits/elt"),
     ("overhead_pct", "overhead %"),
@@ -38,11 +37,12 @@ NOTES = """\
 Columns: tokens/s are medians over trials (min-max: decode spread). "x mlx-lm": ratio to
 mlx-lm's cache with the same bits in this run (k8v4 against mlxlm-q8; mlx-lm rows: -).
 "x fp16": decode ratio to the full-precision cache (ours if measured, else mlx-lm's).
-peak: whole run, weights included. KV MiB: what the caches allocate (mlx-lm's and ours
+peak: whole run, weights included. KV MB: what the caches allocate (mlx-lm's and ours
 grow in steps of 256 tokens). bits/elt and "KV x fp16": bytes of the tokens held against
 a 16-bit cache of them (2 bytes per element); on a CPU device the full-precision caches
-actually hold float32 (32 bits/elt). overhead: decode peak - weights - KV MiB, as % of
-the 16-bit KV size (target <= 10%)."""
+actually hold float32 (32 bits/elt). overhead: decode peak - weights - KV MB, as % of
+the 16-bit KV size (target <= 10%).
+""" + UNITS_NOTE + "."
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -88,15 +88,15 @@ def add_bench_arguments(p: argparse.ArgumentParser, contexts: Sequence[int] = DE
 
 
 def display_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The rows with the derived cells the tables show (MiB, spread, percent)."""
+    """The rows with the derived cells the tables show (MB, spread, percent)."""
     shown = []
     for r in rows:
         overhead = r.get("decode_overhead_vs_fp16_kv")
         shown.append({
             **r,
             "decode_spread": f"{r['decode_tps_min']:.3g}-{r['decode_tps_max']:.3g}",
-            "peak_mib": r["peak_memory_bytes"] / MIB,
-            "kv_mib": r["kv_bytes"] / MIB,
+            "peak_mb": r["peak_memory_bytes"] / MB,
+            "kv_mb": r["kv_bytes"] / MB,
             "overhead_pct": None if overhead is None else 100 * overhead,
         })
     return shown

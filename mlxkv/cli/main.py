@@ -26,13 +26,15 @@ class OneLineErrors(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mlxkv import __version__
+    from mlxkv.units import UNITS_NOTE
+
     parser = OneLineErrors(
         prog="mlxkv",
         description="Long-context generation with MLX on a small, bounded KV cache.",
-        epilog="Run 'mlxkv COMMAND --help' for the options of one command.",
+        epilog="Run 'mlxkv COMMAND --help' for the options of one command. Memory sizes, in flags "
+               f"(--memory 8GB), tables and plots alike, count in powers of 1024: {UNITS_NOTE}.",
     )
-    from mlxkv import __version__
-
     parser.add_argument("--version", action="version", version=f"mlxkv {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, module in SUBCOMMANDS.items():

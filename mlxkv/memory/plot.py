@@ -12,7 +12,7 @@ from pathlib import Path
 from mlxkv.errors import UserError
 from mlxkv.memory.tracker import MemoryRun
 
-MB = 1024**2
+from mlxkv.units import MB
 
 
 def plot_memory_runs(runs: Sequence[MemoryRun], path: str | Path, title: str | None = None,
