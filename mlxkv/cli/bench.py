@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from mlxkv.bench.runner import DEFAULT_CONFIGS, DEFAULT_CONTEXTS, DEFAULT_PREFILL_CHUNK, PROMPT_NOTE
-from mlxkv.cli.common import count_arg, token_list_arg
+from mlxkv.cli.common import HelpFormatter, count_arg, token_list_arg
 from mlxkv.cli.kv_args import add_kv_arguments, kv_epilog, specs_from_args
 from mlxkv.loading import load_info
 from mlxkv.loading.models import MODEL_HELP
@@ -49,15 +48,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "bench",
         help="tokens/s and peak memory of KV configs, beside mlx-lm's caches",
-        description=textwrap.fill(
+        description=(
             "Measure prefill and decode tokens/s, peak memory and KV bytes for each KV config at "
             "each context length, with mlx-lm's KVCache / QuantizedKVCache as baselines in the same "
             "process. Runs are interleaved (every trial visits every config) so a drifting machine "
-            "affects all configs alike. Prompts are synthetic token ids.", 80
+            "affects all configs alike. Prompts are synthetic token ids."
         ),
-        epilog="Example: mlxkv bench --contexts 1024,4096 --configs fp16,q4,mlxlm-fp16,mlxlm-q4 "
+        epilog="Example:\n  mlxkv bench --contexts 1024,4096 --configs fp16,q4,mlxlm-fp16,mlxlm-q4 "
         "--json bench.json --plot bench.png\n\n" + kv_epilog(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--model", help=MODEL_HELP)
     add_bench_arguments(p)

@@ -11,6 +11,19 @@ from mlxkv.errors import UserError
 from mlxkv.loading.models import MODEL_HELP
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions and epilogs keep their line breaks and indented lines (the list of KV
+    configs, examples), while prose lines are wrapped to the terminal like argparse's own."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        import textwrap
+
+        return "\n".join(line if line[:1].isspace() or not line else
+                         textwrap.fill(line, width, initial_indent=indent, subsequent_indent=indent,
+                                       break_on_hyphens=False)
+                         for line in text.splitlines())
+
+
 def note(text: str) -> None:
     """Progress and statistics go to stderr, so stdout stays clean for pipes."""
     print(f"[mlxkv] {text}", file=sys.stderr, flush=True)

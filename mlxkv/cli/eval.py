@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from mlxkv.cli.common import count_arg, token_list_arg
+from mlxkv.cli.common import HelpFormatter, count_arg, token_list_arg
 from mlxkv.cli.kv_args import add_kv_arguments, kv_epilog, specs_from_args
 from mlxkv.errors import UserError
 from mlxkv.loading import load_info
@@ -88,9 +88,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Run a text through the model once with the reference cache and once per config, "
                     "in small chunks so that the stored (quantized) history shapes attention as in "
                     "generation, and compare the next-token distributions position by position.",
-        epilog="Example: mlxkv eval kld --tokens 1024 --chunk 16 --configs fp16,q8,q4,mlxlm-q4 "
+        epilog="Example:\n  mlxkv eval kld --tokens 1024 --chunk 16 --configs fp16,q8,q4,mlxlm-q4 "
                "--json kld.json --plot kld.png" + "\n\n" + kv_epilog(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     from mlxkv.eval.kld import DEFAULT_CHUNK as KLD_CHUNK
     from mlxkv.eval.kld import DEFAULT_TOKENS
@@ -112,9 +112,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Hide a random five-digit pass key at each depth of filler text, ask for it at the "
                     "end and decode greedily; report the share of keys found per config, length and "
                     "depth, beside the full-precision cache's share on the same prompts.",
-        epilog="Example: mlxkv eval passkey --lengths 512,1024 --depths 0,0.5,1 --configs q8,q4"
+        epilog="Example:\n  mlxkv eval passkey --lengths 512,1024 --depths 0,0.5,1 --configs q8,q4"
                + "\n\n" + kv_epilog(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     from mlxkv.eval.passkey import DEFAULT_CHUNK, DEFAULT_DEPTHS, DEFAULT_LENGTHS, DEFAULT_TRIALS
 
@@ -143,11 +143,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "--kv-bits-map, then check it on the text that follows the calibration tokens "
                     "against --base alone and against raising the same number of first and last "
                     "layers (the usual guess).",
-        epilog="Example: mlxkv eval layers --base q3 --high-bits 8 --budget 4 --json layers.json --plot layers.png\n"
-               "then:    mlxkv generate --kv-config q3 --kv-bits-map <the printed map> ...\n\n"
+        epilog="Example:\n  mlxkv eval layers --base q3 --high-bits 8 --budget 4 --json layers.json --plot layers.png\n"
+               "then:\n  mlxkv generate --kv-config q3 --kv-bits-map <the printed map> ...\n\n"
                "The budget counts packed bits per element: bits plus the 16-bit scale and bias per group "
                "(3-bit g64 = 3.5, 8-bit g64 = 8.5), not the residual window." + "\n\n" + kv_epilog(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     lp.add_argument("--model", help=MODEL_HELP)
     lp.add_argument("--base", default=DEFAULT_BASE, metavar="SPEC",

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from mlxkv.cli.common import (
-    add_generation_arguments, add_model_argument, check_context, encode_chat, load_model, messages_for, note,
+    HelpFormatter, add_generation_arguments, add_model_argument, check_context, encode_chat, load_model, messages_for, note,
     sampling_from_args, size_arg,
 )
 from mlxkv.cli.kv_args import add_kv_arguments, kv_epilog, request_from_args
@@ -21,8 +21,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "generate",
         help="generate text with a quantized / bounded KV cache",
         description="Generate text, streaming it to stdout; statistics go to stderr.",
-        epilog="Example: mlxkv generate --prompt 'Tell me about Paris' --kv-bits 4 --max-kv 4096\n\n" + kv_epilog(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Example:\n  mlxkv generate --prompt 'Tell me about Paris' --kv-bits 4 --max-kv 4096\n\n" + kv_epilog(),
+        formatter_class=HelpFormatter,
     )
     add_model_argument(p)
     p.add_argument("--prompt", "-p", default=DEFAULT_PROMPT,

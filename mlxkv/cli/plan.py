@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mlxkv.cli.common import count_arg, size_arg
-from mlxkv.cli.kv_args import add_kv_arguments
+from mlxkv.cli.common import HelpFormatter, count_arg, size_arg
+from mlxkv.cli.kv_args import add_kv_arguments, kv_epilog
 from mlxkv.errors import UserError
 from mlxkv.loading.models import MODEL_HELP
 from mlxkv.units import SIZE_HELP
@@ -29,10 +29,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             "config (and weight sizes): nothing is loaded."
         ),
         epilog=(
-            "Examples: mlxkv plan --context 8192 | "
-            "mlxkv plan --model meta-llama/Meta-Llama-3-8B --context 32k --memory 16GB | "
-            "mlxkv plan --config config.json --context 100000 --max-kv 8192 --json plan.json"
+            "Examples:\n"
+            "  mlxkv plan --context 8192\n"
+            "  mlxkv plan --model meta-llama/Meta-Llama-3-8B --context 32k --memory 16GB\n"
+            "  mlxkv plan --config config.json --context 100000 --max-kv 8192 --json plan.json\n\n"
+            "Sizes are in MB and GB of 1024^2 and 1024^3 bytes. A config.json's quantization block is read as "
+            "mlx-lm's loader reads it (bits, group size, per-module overrides).\n\n" + kv_epilog()
         ),
+        formatter_class=HelpFormatter,
     )
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", help=MODEL_HELP + " (a repo id: only config.json and safetensors headers are "
