@@ -83,3 +83,18 @@ def test_llama_3_8b_4bit_from_quantized_linear_shapes(tmp_path, capsys):
     assert "weights: 4.21 GB (4-bit g64" in capsys.readouterr().out
     # on a CPU device mlxkv expands the weights to float32: 8.03B parameters x 4
     assert weights_bytes(model_source(config_path=str(path)), 4)[0] == 4 * 8_030_261_248
+
+
+def test_memory_md_plan_table_is_todays_output(capsys, monkeypatch):
+    """MEMORY.md shows `mlxkv plan`'s output with its command: running the command prints it."""
+    import shlex
+
+    repo = Path(__file__).resolve().parents[1]
+    text = (repo / "MEMORY.md").read_text()
+    block = text.split("```\n$ mlxkv plan ", 1)[1].split("```", 1)[0]
+    command, _, shown = block.partition("\nmodel:")
+    argv = ["plan", *shlex.split(command.replace("\\\n", " "))]
+    monkeypatch.chdir(repo)
+    assert main(argv) == 0
+    printed = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("note: MLX runs on the CPU")]
+    assert printed == ("model:" + shown).rstrip("\n").splitlines()
