@@ -1,14 +1,14 @@
 # %% [markdown]
 # # mlxkv walkthrough: load, plan, generate, watch memory, plot
 #
-# Run it as a script (`python examples/walkthrough.py`) or cell by cell in an editor that
-# understands `# %%` cells (VS Code, PyCharm, Jupytext). It uses the bundled
-# SmolLM2-135M-Instruct, so it needs no download. `MLXKV_WALKTHROUGH_SHORT=1` runs it with a
-# short prompt and few tokens (the test suite does); `MLXKV_WALKTHROUGH_OUT` says where the
-# report and the plot go.
+# Run it as a script (`python examples/walkthrough.py [OUT_DIR] [--short]`) or cell by cell in
+# an editor that understands `# %%` cells (VS Code, PyCharm, Jupytext). It uses the bundled
+# SmolLM2-135M-Instruct, so it needs no download. The memory reports and the plot go to
+# OUT_DIR (default ./walkthrough-out); `--short` runs a short prompt and few tokens (the test
+# suite does).
 
 # %%
-import os
+import argparse
 from pathlib import Path
 
 import mlxkv  # first: it picks the fast BLAS before MLX loads
@@ -20,10 +20,13 @@ from mlxkv.memory import (
     model_weights_bytes, plan, plot_memory_runs, predict_kv_bytes, recommend_config,
 )
 
-SHORT = os.environ.get("MLXKV_WALKTHROUGH_SHORT") == "1"
-MAX_TOKENS, REPEATS, WINDOW = (12, 2, 64) if SHORT else (200, 12, 256)
-PREFILL_STEP = 32 if SHORT else 64  # small prefill chunks: a smooth memory curve, a low peak
-OUT = Path(os.environ.get("MLXKV_WALKTHROUGH_OUT", "."))
+parser = argparse.ArgumentParser(description="mlxkv's walkthrough: plan, generate three ways, compare memory")
+parser.add_argument("out", nargs="?", default="walkthrough-out", help="folder for the reports and the plot")
+parser.add_argument("--short", action="store_true", help="a short prompt and few tokens")
+options, _ = parser.parse_known_args()  # in a notebook, the kernel's own arguments are left alone
+MAX_TOKENS, REPEATS, WINDOW = (12, 2, 64) if options.short else (200, 12, 256)
+PREFILL_STEP = 32 if options.short else 64  # small prefill chunks: a smooth memory curve, a low peak
+OUT = Path(options.out)
 OUT.mkdir(parents=True, exist_ok=True)
 
 # %% [markdown]
@@ -65,20 +68,38 @@ print("recommended:", reason)
 # `MemoryTracker` records, at each step, the tokens so far, the KV bytes (total and per
 # layer) and MLX's active / peak / cache memory. mlx-lm reports each prefill chunk through
 # `prompt_progress_callback`, and each generated token by yielding it.
+#
+# Like with like: every run gets the same prompt and exactly `MAX_TOKENS` new tokens (the
+# end-of-text token is banned, so no run stops early), and starts from the same memory:
+# the previous run's cache is freed and MLX's buffer cache emptied before the next begins.
+# `start_active_bytes` in each report records that starting point.
 
 # %%
+eos = sorted(tokenizer.eos_token_ids)
+
+
+def no_eos(tokens, logits):
+    return logits.at[:, eos].add(-float("inf"))
+
+
 def generate(config, label):
-    cache = mlxkv.make_kv_cache(model, config)
+    """One run on a fresh cache: its tracker, the KV bytes predicted and held at the end, the text."""
     mx.clear_cache()
-    with MemoryTracker(cache, label=label, kv_config=config.describe()) as tracker:
+    start = mx.get_active_memory()
+    cache = mlxkv.make_kv_cache(model, config)
+    with MemoryTracker(cache, label=label, kv_config=config.describe(), start_active_bytes=start) as tracker:
         pieces = []
         for response in stream_generate(
-            model, tokenizer, prompt, max_tokens=MAX_TOKENS, prompt_cache=cache,
+            model, tokenizer, prompt, max_tokens=MAX_TOKENS, prompt_cache=cache, logits_processors=[no_eos],
             prefill_step_size=PREFILL_STEP, prompt_progress_callback=lambda done, total: tracker.step(),
         ):
             pieces.append(response.text)
             tracker.step()
-    return tracker, cache, "".join(pieces)
+    tokens = tracker.records[-1]["tokens"]
+    predicted = predict_kv_bytes(config, layout, tokens, dtype_bytes=layout.dtype_bytes)
+    measured = sum(c.nbytes for c in cache)
+    tracker.attach([])  # the tracker keeps its records, not the cache: it is freed on return
+    return tracker, predicted, measured, "".join(pieces)
 
 
 runs = {}
@@ -87,19 +108,17 @@ for label, config in {
     "4-bit": mlxkv.KVConfig(bits=4),
     f"4-bit, {WINDOW}-token window": mlxkv.KVConfig(bits=4, max_kv=WINDOW),
 }.items():
-    tracker, cache, text = generate(config, label)
-    runs[label] = (tracker, cache, config)
+    runs[label] = generate(config, label)
+    tracker, _, _, text = runs[label]
     print(f"{tracker.summary()}\n  {text[:100]!r}...")
 
 # %% [markdown]
 # ## 4. Predicted vs measured
-# The planner mirrors each cache's growth, so its prediction equals what the caches hold.
+# The planner mirrors each cache's growth, so its prediction equals what the caches held.
 
 # %%
-for label, (tracker, cache, config) in runs.items():
+for label, (tracker, predicted, measured, _) in runs.items():
     tokens = tracker.records[-1]["tokens"]
-    predicted = predict_kv_bytes(config, layout, tokens, dtype_bytes=layout.dtype_bytes)
-    measured = sum(c.nbytes for c in cache)
     print(f"{label:25} {tokens} tokens: predicted {format_bytes(predicted)}, measured {format_bytes(measured)}")
 
 # %% [markdown]
@@ -107,8 +126,10 @@ for label, (tracker, cache, config) in runs.items():
 # Reports are JSON or CSV; the plot puts every run on one figure (needs matplotlib).
 
 # %%
-runs["4-bit"][0].save(OUT / "walkthrough_memory.json")
+for label, (tracker, *_) in runs.items():
+    tracker.save(OUT / f"memory-{label.replace(', ', '-').replace(' ', '-')}.json")
 try:
-    print("plot:", plot_memory_runs([tracker.run for tracker, _, _ in runs.values()], OUT / "walkthrough_memory.png"))
+    print("plot:", plot_memory_runs([tracker.run for tracker, *_ in runs.values()], OUT / "memory.png"))
 except mlxkv.UserError as hint:  # matplotlib missing: a one-line hint
     print(hint)
+print("reports and plot in", OUT)

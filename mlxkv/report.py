@@ -7,14 +7,16 @@ same rows feed the table, the markdown and the JSON.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import math
 import os
 import sys
-from collections.abc import Iterable, Sequence
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from mlxkv.errors import UserError
 
@@ -78,17 +80,66 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str], headers: Sequen
 
 
 def check_output_path(path: str | os.PathLike | None, option: str) -> None:
-    """Fail before a long run, not after it, when an output file cannot be written."""
+    """Fail before a long run, not after it, when the file ``option`` names cannot be written:
+    a directory, a missing folder, or a folder that takes no new file (read-only, /proc). The
+    probe is the write itself: a temporary file created and removed beside the target."""
     if path is None:
         return
     target = Path(path)
     if target.is_dir():
         raise UserError(f"{option} {path} is a directory; give a file name")
-    parent = target.parent if str(target.parent) else Path(".")
+    parent = target.parent
     if not parent.is_dir():
         raise UserError(f"{option} {path}: directory {parent} does not exist; create it or choose another path")
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"{option} {path}: directory {parent} is not writable; choose another path")
+    try:
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=f".{target.name}.", suffix=".check"):
+            pass
+    except OSError as e:
+        raise UserError(f"{option} {path}: cannot write files in {parent} ({e.strerror or e}); "
+                        "choose another path") from None
+
+
+def check_output_dir(path: str | os.PathLike, option: str) -> None:
+    """Like ``check_output_path`` for a directory that will be created (with its parents)."""
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise UserError(f"{option} {path} exists and is not a directory; choose another path")
+    existing = next(p for p in (target, *target.parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"{option} {path}: {existing} is not a directory; choose another path")
+    try:
+        tempfile.TemporaryDirectory(dir=existing, prefix=".mlxkv-check-").cleanup()
+    except OSError as e:
+        raise UserError(f"{option} {path}: cannot write in {existing} ({e.strerror or e}); "
+                        "choose another path") from None
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike, option: str, binary: bool = False) -> Iterator[IO]:
+    """An open temporary file beside ``path`` that replaces ``path`` only once it is complete:
+    a failed or interrupted write never destroys a file the user saved. Errors are one-line
+    ``UserError`` naming the command-line ``option``."""
+    target = Path(path)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}; choose another {option} path") from None
+    try:
+        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8", "newline": ""})) as f:
+            yield f
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, target)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}; choose another {option} path") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def run_metadata(command: Sequence[str] | None = None, **extra: Any) -> dict[str, Any]:
@@ -104,15 +155,14 @@ def run_metadata(command: Sequence[str] | None = None, **extra: Any) -> dict[str
     }
 
 
-def write_json(path: str | os.PathLike, rows: Sequence[dict], metadata: dict[str, Any] | None = None) -> None:
-    """Write ``{"metadata": ..., "rows": [...]}``; the metadata defaults to ``run_metadata()``."""
+def write_json(path: str | os.PathLike, rows: Sequence[dict], metadata: dict[str, Any] | None = None,
+               option: str = "--json") -> None:
+    """Write ``{"metadata": ..., "rows": [...]}`` atomically; the metadata defaults to
+    ``run_metadata()``. A failure is one line naming ``option``, the flag that gave the path."""
     payload = {"metadata": metadata if metadata is not None else run_metadata(), "rows": list(rows)}
-    try:
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(payload, f, indent=2, default=_json_default)
-            f.write("\n")
-    except OSError as e:
-        raise UserError(f"cannot write {path}: {e.strerror}; choose another --json path") from e
+    text = json.dumps(payload, indent=2, default=_json_default) + "\n"
+    with atomic_output(path, option) as f:
+        f.write(text)
 
 
 def _json_default(value: Any) -> Any:
@@ -148,23 +198,41 @@ def require_pyplot():
 
 
 def write_text(path: str | os.PathLike, text: str, option: str = "--markdown") -> None:
-    """Write a text file (a markdown report); an unwritable path is a one-line ``UserError``
-    naming the command-line ``option`` to change."""
-    try:
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(text)
-    except OSError as e:
-        raise UserError(f"cannot write {path}: {e.strerror}; choose another {option} path") from e
+    """Write a text file (a markdown report) atomically; an unwritable path is a one-line
+    ``UserError`` naming the command-line ``option`` to change."""
+    with atomic_output(path, option) as f:
+        f.write(text)
+
+
+def plot_formats() -> tuple[str, ...]:
+    """File extensions matplotlib can write (png, pdf, svg, ...)."""
+    require_pyplot()
+    from matplotlib.figure import Figure
+
+    return tuple(Figure().canvas.get_supported_filetypes())
+
+
+def check_plot_path(path: str | os.PathLike | None, option: str = "--plot") -> None:
+    """``check_output_path`` plus: matplotlib is installed and knows the file's extension."""
+    if path is None:
+        return
+    check_output_path(path, option)
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if suffix not in plot_formats():
+        raise UserError(f"{option} {path}: cannot tell the image format from the name; end it in .png, .pdf or .svg")
 
 
 def save_figure(fig: Any, path: str | os.PathLike, option: str = "--plot", dpi: int = 120) -> None:
-    """Lay out, save and close a matplotlib figure; a path matplotlib cannot write (missing
-    folder, unknown extension) is a one-line ``UserError`` naming ``option``."""
+    """Lay out, save (atomically) and close a matplotlib figure; a path matplotlib cannot
+    write (missing folder, unknown extension) is a one-line ``UserError`` naming ``option``."""
     plt = require_pyplot()
+    suffix = Path(path).suffix.lower().lstrip(".")
     try:
+        if suffix not in plot_formats():
+            raise UserError(f"{option} {path}: cannot tell the image format from the name; "
+                            "end it in .png, .pdf or .svg")
         fig.tight_layout()
-        fig.savefig(path, dpi=dpi)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot write the plot {path}: {e}; choose another {option} path (.png, .pdf or .svg)") from None
+        with atomic_output(path, option, binary=True) as f:
+            fig.savefig(f, dpi=dpi, format=suffix)
     finally:
         plt.close(fig)

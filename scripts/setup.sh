@@ -15,12 +15,25 @@ fi
 if [ "$(uname -s)" = Linux ]; then
   extras="cpu,dev,plot"
   # MLX's Linux wheel bundles a reference BLAS (~3 GFLOP/s); OpenBLAS makes float32 matmul ~40x faster.
-  if ! ls /usr/lib/*/libopenblas.so.0 /usr/lib64/libopenblas.so.0 >/dev/null 2>&1; then
+  # The paths are the ones mlxkv/device.py preloads. When none is there, root installs it once; anyone
+  # else gets the hint once (the stamp in .venv); later runs only look for the library.
+  openblas=""
+  for lib in /usr/lib/x86_64-linux-gnu/libopenblas.so.0 /usr/lib/aarch64-linux-gnu/libopenblas.so.0 \
+             /usr/lib64/libopenblas.so.0 /usr/lib/libopenblas.so.0; do
+    if [ -e "$lib" ]; then openblas=$lib; break; fi
+  done
+  hint_stamp=".venv/.mlxkv-openblas-hint"
+  if [ -z "$openblas" ] && [ ! -f "$hint_stamp" ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
       echo "[setup] installing OpenBLAS (libopenblas0-pthread)"
-      apt-get update -qq >/dev/null && apt-get install -y -qq libopenblas0-pthread >/dev/null
+      if ! { apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive \
+             apt-get install -y -qq libopenblas0-pthread >/dev/null; }; then
+        echo "[setup] note: could not install libopenblas0-pthread; MLX keeps its bundled BLAS (~40x slower matmul)"
+        touch "$hint_stamp"
+      fi
     else
       echo "[setup] note: install libopenblas0-pthread (or your distro's OpenBLAS) for ~40x faster CPU matmul"
+      touch "$hint_stamp"
     fi
   fi
 else

@@ -8,13 +8,13 @@ from typing import Any
 
 from mlxkv.report import require_pyplot, save_figure
 
-MIB = 2**20
+from mlxkv.units import MB
 
 PANELS = (
     ("decode_tps", "decode tokens/s", 1.0),
     ("prefill_tps", "prefill tokens/s", 1.0),
-    ("decode_peak_memory_bytes", "peak memory while decoding (MiB)", MIB),
-    ("kv_bytes", "KV cache (MiB)", MIB),
+    ("decode_peak_memory_bytes", "peak memory while decoding (MB)", MB),
+    ("kv_bytes", "KV cache (MB)", MB),
 )
 
 

@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from mlxkv.bench.runner import DEFAULT_CONFIGS, DEFAULT_CONTEXTS, DEFAULT_PREFILL_CHUNK, PROMPT_NOTE
-from mlxkv.cli.common import count_arg, token_list_arg
+from mlxkv.cli.common import HelpFormatter, count_arg, token_list_arg
 from mlxkv.cli.kv_args import add_kv_arguments, kv_epilog, specs_from_args
 from mlxkv.loading import load_info
 from mlxkv.loading.models import MODEL_HELP
 from mlxkv.report import check_output_path
-
-MIB = 2**20
+from mlxkv.units import MB, UNITS_NOTE
 
 COLUMNS = (
     ("config", "config"),
@@ -27,8 +25,8 @@ COLUMNS = (
     ("decode_spread", "min-max"),
     ("decode_tps_vs_baseline", "x mlx-lm"),
     ("decode_tps_vs_fp16", "x fp16"),
-    ("peak_mib", "peak MiB"),
-    ("kv_mib", "KV MiB"),
+    ("peak_mb", "peak MB"),
+    ("kv_mb", "KV MB"),
     ("kv_vs_fp16", "KV x fp16"),
     ("kv_bits_per_element", "bits/elt"),
     ("overhead_pct", "overhead %"),
@@ -38,26 +36,27 @@ NOTES = """\
 Columns: tokens/s are medians over trials (min-max: decode spread). "x mlx-lm": ratio to
 mlx-lm's cache with the same bits in this run (k8v4 against mlxlm-q8; mlx-lm rows: -).
 "x fp16": decode ratio to the full-precision cache (ours if measured, else mlx-lm's).
-peak: whole run, weights included. KV MiB: what the caches allocate (mlx-lm's and ours
+peak: whole run, weights included. KV MB: what the caches allocate (mlx-lm's and ours
 grow in steps of 256 tokens). bits/elt and "KV x fp16": bytes of the tokens held against
 a 16-bit cache of them (2 bytes per element); on a CPU device the full-precision caches
-actually hold float32 (32 bits/elt). overhead: decode peak - weights - KV MiB, as % of
-the 16-bit KV size (target <= 10%)."""
+actually hold float32 (32 bits/elt). overhead: decode peak - weights - KV MB, as % of
+the 16-bit KV size (target <= 10%).
+""" + UNITS_NOTE + "."
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "bench",
         help="tokens/s and peak memory of KV configs, beside mlx-lm's caches",
-        description=textwrap.fill(
+        description=(
             "Measure prefill and decode tokens/s, peak memory and KV bytes for each KV config at "
             "each context length, with mlx-lm's KVCache / QuantizedKVCache as baselines in the same "
             "process. Runs are interleaved (every trial visits every config) so a drifting machine "
-            "affects all configs alike. Prompts are synthetic token ids.", 80
+            "affects all configs alike. Prompts are synthetic token ids."
         ),
-        epilog="Example: mlxkv bench --contexts 1024,4096 --configs fp16,q4,mlxlm-fp16,mlxlm-q4 "
+        epilog="Example:\n  mlxkv bench --contexts 1024,4096 --configs fp16,q4,mlxlm-fp16,mlxlm-q4 "
         "--json bench.json --plot bench.png\n\n" + kv_epilog(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--model", help=MODEL_HELP)
     add_bench_arguments(p)
@@ -88,15 +87,15 @@ def add_bench_arguments(p: argparse.ArgumentParser, contexts: Sequence[int] = DE
 
 
 def display_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The rows with the derived cells the tables show (MiB, spread, percent)."""
+    """The rows with the derived cells the tables show (MB, spread, percent)."""
     shown = []
     for r in rows:
         overhead = r.get("decode_overhead_vs_fp16_kv")
         shown.append({
             **r,
             "decode_spread": f"{r['decode_tps_min']:.3g}-{r['decode_tps_max']:.3g}",
-            "peak_mib": r["peak_memory_bytes"] / MIB,
-            "kv_mib": r["kv_bytes"] / MIB,
+            "peak_mb": r["peak_memory_bytes"] / MB,
+            "kv_mb": r["kv_bytes"] / MB,
             "overhead_pct": None if overhead is None else 100 * overhead,
         })
     return shown
@@ -138,14 +137,13 @@ def run(args: argparse.Namespace) -> int:
 def check_arguments(args: argparse.Namespace) -> None:
     """What can be checked before loading a model: configs, trials, output paths, matplotlib."""
     from mlxkv.bench.runner import resolve_configs
-    from mlxkv.report import require_pyplot
+    from mlxkv.report import check_plot_path
 
     args.configs = specs_from_args(args, args.configs)
     resolve_configs(args.configs)
-    for path, option in ((args.json, "--json"), (args.markdown, "--markdown"), (args.plot, "--plot")):
+    for path, option in ((args.json, "--json"), (args.markdown, "--markdown")):
         check_output_path(path, option)
-    if args.plot:
-        require_pyplot()
+    check_plot_path(args.plot, "--plot")
 
 
 def bench_and_report(model: Any, model_name: str, args: argparse.Namespace, weights_dtype: str | None = None) -> int:

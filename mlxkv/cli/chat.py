@@ -11,7 +11,7 @@ import argparse
 import sys
 
 from mlxkv.cli.common import (
-    add_generation_arguments, add_model_argument, encode_chat, load_model, note, sampling_from_args,
+    HelpFormatter, add_generation_arguments, add_model_argument, encode_chat, load_model, note, sampling_from_args, size_arg,
 )
 from mlxkv.cli.kv_args import add_kv_arguments, kv_epilog, request_from_args
 
@@ -23,14 +23,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "chat",
         help="chat with a model, keeping the quantized KV cache between turns",
         description="A multi-turn chat in the terminal (as mlx_lm.chat). Each turn reuses the KV cache of "
-                    "the conversation so far; statistics go to stderr. " + COMMANDS + ".",
-        epilog="Example: mlxkv chat --kv-bits 4 --max-kv 8192\n\n" + kv_epilog(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+                    "the conversation so far; statistics go to stderr. In the chat: " + COMMANDS + ".",
+        epilog="Example:\n  mlxkv chat --kv-bits 4 --max-kv 8192\n\n" + kv_epilog(),
+        formatter_class=HelpFormatter,
     )
     add_model_argument(p)
     add_generation_arguments(p, max_tokens=512)
     add_kv_arguments(p)
-    p.add_argument("--memory", metavar="SIZE", help="budget for --kv-bits auto, e.g. 8GB")
+    p.add_argument("--memory", metavar="SIZE", type=size_arg, help="budget for --kv-bits auto, e.g. 8GB")
     p.set_defaults(run=run)
 
 

@@ -11,6 +11,19 @@ from mlxkv.errors import UserError
 from mlxkv.loading.models import MODEL_HELP
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions and epilogs keep their line breaks and indented lines (the list of KV
+    configs, examples), while prose lines are wrapped to the terminal like argparse's own."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        import textwrap
+
+        return "\n".join(line if line[:1].isspace() or not line else
+                         textwrap.fill(line, width, initial_indent=indent, subsequent_indent=indent,
+                                       break_on_hyphens=False)
+                         for line in text.splitlines())
+
+
 def note(text: str) -> None:
     """Progress and statistics go to stderr, so stdout stays clean for pipes."""
     print(f"[mlxkv] {text}", file=sys.stderr, flush=True)
@@ -41,6 +54,17 @@ def tokens_arg(text: str) -> int:
 
     try:
         return parse_tokens(text, "number of tokens")
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def size_arg(text: str) -> int:
+    """argparse type for a memory size: '8GB', '512MB' (mlxkv.units.parse_bytes: powers of 1024, a unit
+    required), so a bad size fails before anything loads and the message names the flag."""
+    from mlxkv.units import parse_bytes
+
+    try:
+        return parse_bytes(text, "size")
     except UserError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 

@@ -32,7 +32,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     from mlxkv.loading.gguf_import import import_gguf
+    from mlxkv.report import check_output_dir
 
+    check_output_dir(args.out.expanduser(), "--out")  # before the import reads the whole file
     out_dir = import_gguf(args.gguf, args.out, overwrite=args.force)
     print(f"wrote {out_dir}")
     return 0

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from mlxkv.cli.common import count_arg, token_list_arg
+from mlxkv.cli.common import HelpFormatter, count_arg, token_list_arg
 from mlxkv.cli.kv_args import add_kv_arguments, kv_epilog, specs_from_args
 from mlxkv.errors import UserError
 from mlxkv.loading import load_info
@@ -22,9 +22,6 @@ from mlxkv.loading.models import MODEL_HELP
 
 KLD_CONFIGS = "fp16,q8,k8v4,q4,q4-nores,q2,mlxlm-q8,mlxlm-q4"
 PASSKEY_CONFIGS = "q8,k8v4,q4"
-LAYERS_BASE = "q3"
-LAYERS_HIGH_BITS = 8
-LAYERS_CHECK_TOKENS = 512
 
 KLD_COLUMNS = (
     ("config", "config"),
@@ -51,17 +48,17 @@ even at full precision, so compare each config with it, not with 1."""
 
 
 # -- argument parsing -------------------------------------------------------------------
-def _number_list(kind: Callable[[str], Any], example: str) -> Callable[[str], list]:
-    def parse(text: str) -> list:
-        try:
-            values = [kind(p.strip()) for p in text.split(",") if p.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"cannot read {text!r}; write e.g. {example}") from None
-        if not values:
-            raise argparse.ArgumentTypeError(f"give at least one value, e.g. {example}")
-        return values
-
-    return parse
+def _depths_arg(text: str) -> list[float]:
+    """argparse type for --depths: fractions 0 (start) to 1 (end), e.g. 0,0.5,1."""
+    try:
+        depths = [float(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"cannot read {text!r}; write fractions such as 0,0.5,1") from None
+    outside = [d for d in depths if not 0 <= d <= 1]
+    if outside or not depths:
+        problem = f"depth {outside[0]:g} is outside 0..1" if outside else "no depth given"
+        raise argparse.ArgumentTypeError(f"{problem}; use fractions such as 0,0.5,1")
+    return depths
 
 
 def _common(p: argparse.ArgumentParser, default_configs: str) -> None:
@@ -85,16 +82,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         epilog="Run 'mlxkv eval kld --help', 'mlxkv eval passkey --help' or 'mlxkv eval layers --help'.",
     )
     tests = p.add_subparsers(dest="eval_command", metavar="TEST", required=True)
-    configs_help = "\n\n"
 
     k = tests.add_parser(
         "kld", help="KL divergence, perplexity and top-1 agreement on a text",
         description="Run a text through the model once with the reference cache and once per config, "
                     "in small chunks so that the stored (quantized) history shapes attention as in "
                     "generation, and compare the next-token distributions position by position.",
-        epilog="Example: mlxkv eval kld --tokens 1024 --chunk 16 --configs fp16,q8,q4,mlxlm-q4 "
-               "--json kld.json --plot kld.png" + configs_help + kv_epilog(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Example:\n  mlxkv eval kld --tokens 1024 --chunk 16 --configs fp16,q8,q4,mlxlm-q4 "
+               "--json kld.json --plot kld.png" + "\n\n" + kv_epilog(),
+        formatter_class=HelpFormatter,
     )
     from mlxkv.eval.kld import DEFAULT_CHUNK as KLD_CHUNK
     from mlxkv.eval.kld import DEFAULT_TOKENS
@@ -116,16 +112,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Hide a random five-digit pass key at each depth of filler text, ask for it at the "
                     "end and decode greedily; report the share of keys found per config, length and "
                     "depth, beside the full-precision cache's share on the same prompts.",
-        epilog="Example: mlxkv eval passkey --lengths 512,1024 --depths 0,0.5,1 --configs q8,q4"
-               + configs_help + kv_epilog(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Example:\n  mlxkv eval passkey --lengths 512,1024 --depths 0,0.5,1 --configs q8,q4"
+               + "\n\n" + kv_epilog(),
+        formatter_class=HelpFormatter,
     )
     from mlxkv.eval.passkey import DEFAULT_CHUNK, DEFAULT_DEPTHS, DEFAULT_LENGTHS, DEFAULT_TRIALS
 
     _common(pk, PASSKEY_CONFIGS)
     pk.add_argument("--lengths", type=token_list_arg, default=list(DEFAULT_LENGTHS),
                     metavar="N,N,...", help=f"prompt lengths in tokens (default {','.join(map(str, DEFAULT_LENGTHS))})")
-    pk.add_argument("--depths", type=_number_list(float, "0,0.5,1"), default=list(DEFAULT_DEPTHS),
+    pk.add_argument("--depths", type=_depths_arg, default=list(DEFAULT_DEPTHS),
                     metavar="D,D,...", help="where the key sits in the filler, 0 (start) to 1 (end) "
                     f"(default {','.join(map(str, DEFAULT_DEPTHS))})")
     pk.add_argument("--trials", type=count_arg("--trials"), default=DEFAULT_TRIALS, metavar="N",
@@ -136,7 +132,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     pk.add_argument("--seed", type=int, default=0, help="seed of the pass keys (default 0)")
     pk.set_defaults(run=run_passkey)
 
-    from mlxkv.eval.layers import DEFAULT_CALIBRATION_TOKENS
+    from mlxkv.eval.layers import DEFAULT_BASE, DEFAULT_CALIBRATION_TOKENS, DEFAULT_CHECK_TOKENS, DEFAULT_HIGH_BITS
 
     lp = tests.add_parser(
         "layers", help="per-layer sensitivity, and a --kv-bits-map for a bit budget (calibration)",
@@ -147,25 +143,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "--kv-bits-map, then check it on the text that follows the calibration tokens "
                     "against --base alone and against raising the same number of first and last "
                     "layers (the usual guess).",
-        epilog="Example: mlxkv eval layers --base q3 --high-bits 8 --budget 4 --json layers.json --plot layers.png\n"
-               "then:    mlxkv generate --kv-config q3 --kv-bits-map <the printed map> ...\n\n"
+        epilog="Example:\n  mlxkv eval layers --base q3 --high-bits 8 --budget 4 --json layers.json --plot layers.png\n"
+               "then:\n  mlxkv generate --kv-config q3 --kv-bits-map <the printed map> ...\n\n"
                "The budget counts packed bits per element: bits plus the 16-bit scale and bias per group "
-               "(3-bit g64 = 3.5, 8-bit g64 = 8.5), not the residual window." + configs_help + kv_epilog(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+               "(3-bit g64 = 3.5, 8-bit g64 = 8.5), not the residual window." + "\n\n" + kv_epilog(),
+        formatter_class=HelpFormatter,
     )
     lp.add_argument("--model", help=MODEL_HELP)
-    lp.add_argument("--base", default=LAYERS_BASE, metavar="SPEC",
-                    help=f"the config most layers keep, also the probe of each layer (default {LAYERS_BASE})")
-    lp.add_argument("--high-bits", type=int, default=LAYERS_HIGH_BITS, metavar="BITS",
-                    help=f"bits of the raised layers (default {LAYERS_HIGH_BITS}; 16 = full precision)")
+    lp.add_argument("--base", default=DEFAULT_BASE, metavar="SPEC",
+                    help=f"the config most layers keep, also the probe of each layer (default {DEFAULT_BASE})")
+    lp.add_argument("--high-bits", type=int, default=DEFAULT_HIGH_BITS, metavar="BITS",
+                    help=f"bits of the raised layers (default {DEFAULT_HIGH_BITS}; 16 = full precision)")
     lp.add_argument("--budget", type=float, default=None, metavar="BITS",
                     help="mean packed bits per element over the layers (default: the base's plus 0.5)")
     lp.add_argument("--text", metavar="FILE", help="a UTF-8 text file (default: the bundled Alice's Adventures "
                     "in Wonderland)")
     lp.add_argument("--tokens", type=count_arg("--tokens", 2), default=DEFAULT_CALIBRATION_TOKENS, metavar="N",
                     help=f"calibration tokens, the start of the text (default {DEFAULT_CALIBRATION_TOKENS})")
-    lp.add_argument("--check-tokens", type=count_arg("--check-tokens", 0), default=LAYERS_CHECK_TOKENS, metavar="N",
-                    help=f"held-out tokens right after them for the check; 0 skips it (default {LAYERS_CHECK_TOKENS})")
+    lp.add_argument("--check-tokens", type=count_arg("--check-tokens", 0), default=DEFAULT_CHECK_TOKENS, metavar="N",
+                    help=f"held-out tokens right after them for the check; 0 skips it (default {DEFAULT_CHECK_TOKENS})")
     lp.add_argument("--chunk", type=count_arg("--chunk"), default=KLD_CHUNK, metavar="C",
                     help=f"tokens per forward pass (default {KLD_CHUNK})")
     lp.add_argument("--json", metavar="FILE",
@@ -176,24 +172,33 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 # -- shared steps -------------------------------------------------------------------------
-def _prepare(args: argparse.Namespace, outputs: Sequence[tuple[str | None, str]]):
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Every file the command will write (--json, --markdown, --plot), checked before loading."""
+    from mlxkv.report import check_output_path, check_plot_path
+
+    check_output_path(args.json, "--json")
+    check_output_path(args.markdown, "--markdown")
+    check_plot_path(getattr(args, "plot", None), "--plot")
+
+
+def _model_name(model: Any, args: argparse.Namespace) -> str:
+    return str(getattr(load_info(model), "source", None) or args.model or "default model")
+
+
+def _prepare(args: argparse.Namespace):
     """Check specs and output paths before loading anything, then load the model."""
     import mlxkv
     from mlxkv.eval.configs import DEFAULT_REFERENCE, as_spec, parse_specs
-    from mlxkv.report import check_output_path
 
     specs = parse_specs(specs_from_args(args, args.configs))
     reference = as_spec(args.reference or DEFAULT_REFERENCE)
     if reference.config is not None and reference.config.quantized:
         raise UserError(f"--reference {reference.label} is quantized; use a full-precision cache such as mlxlm-fp16 or fp16")
-    for path, option in outputs:
-        check_output_path(path, option)
+    _check_outputs(args)
     model, tokenizer = mlxkv.load(args.model)
     for spec in (reference, *specs):
         spec.make(model)  # a config the model cannot hold (group size vs head_dim) fails now, not mid-run
-    info = load_info(model)
-    model_name = str(getattr(info, "source", None) or args.model or "default model")
-    return specs, reference, model, tokenizer, model_name
+    return specs, reference, model, tokenizer, _model_name(model, args)
 
 
 def _advance(bar) -> Callable[[str], None]:
@@ -230,11 +235,7 @@ def _write_outputs(args: argparse.Namespace, rows, metadata, render: Callable[[b
     plot_path = getattr(args, "plot", None)
     if plot is not None and plot_path:
         plot(plot_path)
-    _wrote(args.json, args.markdown, plot_path if plot is not None else None)
-
-
-def _wrote(*paths: str | None) -> None:
-    for path in paths:
+    for path in (args.json, args.markdown, plot_path if plot is not None else None):
         if path:
             print(f"[mlxkv] wrote {path}", file=sys.stderr)
 
@@ -243,13 +244,10 @@ def _wrote(*paths: str | None) -> None:
 def run_kld(args: argparse.Namespace) -> int:
     from mlxkv.eval.corpus import corpus_tokens, load_corpus
     from mlxkv.eval.kld import chunks_per_run, evaluate_kld
-    from mlxkv.report import markdown_table, progress, require_pyplot, run_metadata, text_table
+    from mlxkv.report import markdown_table, progress, run_metadata, text_table
 
-    if args.plot:
-        require_pyplot()
     corpus = load_corpus(args.text)
-    specs, reference, model, tokenizer, model_name = _prepare(
-        args, ((args.json, "--json"), (args.markdown, "--markdown"), (args.plot, "--plot")))
+    specs, reference, model, tokenizer, model_name = _prepare(args)
     tokens = corpus_tokens(tokenizer, corpus, args.tokens)
 
     total = (len(specs) + 1) * chunks_per_run(len(tokens), args.chunk)
@@ -307,11 +305,7 @@ def run_passkey(args: argparse.Namespace) -> int:
     from mlxkv.eval.passkey import answers_count, evaluate_passkey
     from mlxkv.report import markdown_table, progress, run_metadata, text_table
 
-    for depth in args.depths:
-        if not 0 <= depth <= 1:
-            raise UserError(f"depth {depth} is outside 0..1; use fractions such as 0,0.5,1")
-    specs, reference, model, tokenizer, model_name = _prepare(
-        args, ((args.json, "--json"), (args.markdown, "--markdown")))
+    specs, reference, model, tokenizer, model_name = _prepare(args)
 
     total = answers_count(len(specs), len(args.lengths), len(args.depths), args.trials)
     with progress(total=total, desc="eval passkey", unit="prompt") as bar:
@@ -346,78 +340,40 @@ the base config, every other layer full precision. bits: what the map gives the 
 
 def run_layers(args: argparse.Namespace) -> int:
     import mlxkv
-    from mlxkv.caches.factory import make_kv_cache
-    from mlxkv.config.precision import check_bits
-    from mlxkv.eval.configs import CacheSpec, as_spec
+    from mlxkv.eval.configs import as_spec
     from mlxkv.eval.corpus import corpus_tokens, load_corpus
-    from mlxkv.eval.kld import chunks_per_run, evaluate_kld
-    from mlxkv.eval.layers import (
-        allocate_bits,
-        calibrated_config,
-        end_layers,
-        format_layer_bits,
-        layer_count,
-        nominal_bits,
-    )
-    from mlxkv.report import check_output_path, markdown_table, progress, require_pyplot, run_metadata, text_table
+    from mlxkv.eval.layers import calibrate_and_check, calibration_chunks, check_layers_request, layer_count
+    from mlxkv.report import markdown_table, progress, run_metadata, text_table
 
     base = as_spec(args.base)
-    config = base.config
-    if config is None or config.backend != "mlxkv" or config.bits is None or config.adaptive or config.mode != "affine":  # noqa: E501
-        raise UserError(f"--base {args.base} cannot take per-layer bits; "
-                        "use an mlxkv affine config with bits, such as q3 or q4-rot")
-    check_bits(args.high_bits, "--high-bits")
-    low, high = nominal_bits(config.bits, config.group_size), nominal_bits(args.high_bits, config.group_size)
-    if high <= low:
-        raise UserError(f"--high-bits {args.high_bits} is not above the base's {config.bits} bits; raise it")
-    budget = args.budget if args.budget is not None else low + 0.5
-    allocate_bits([0.0], config.bits, args.high_bits, budget, config.group_size)  # a budget below the base fails now
-    if args.plot:
-        require_pyplot()
-    for path, option in ((args.json, "--json"), (args.markdown, "--markdown"), (args.plot, "--plot")):
-        check_output_path(path, option)
+    budget = check_layers_request(base.config, args.high_bits, args.budget, base_name=f"--base {args.base}",
+                                  high_bits_name="--high-bits")
+    _check_outputs(args)
     corpus = load_corpus(args.text)
     model, tokenizer = mlxkv.load(args.model)
     base.make(model)  # a config the model cannot hold fails before the long run
     tokens = corpus_tokens(tokenizer, corpus, args.tokens + args.check_tokens)
     calibration, held_out = tokens[: args.tokens], tokens[args.tokens:]
     n_layers = layer_count(model)
-    info = load_info(model)
-    model_name = str(getattr(info, "source", None) or args.model or "default model")
+    model_name = _model_name(model, args)
 
-    with progress(total=(n_layers + 1) * chunks_per_run(len(calibration), args.chunk),
+    with progress(total=calibration_chunks(n_layers, len(calibration), len(held_out), args.chunk),
                   desc="eval layers", unit="chunk") as bar:
-        calibrated, rows = calibrated_config(model, calibration, config, args.high_bits, budget, args.chunk,
-                                             _advance(bar))
-    layer_bits = calibrated.layer_bits
-    bits_map = format_layer_bits(layer_bits)
-
-    check: list[dict[str, Any]] = []
-    if len(held_out) >= 2 and layer_bits:
-        guess = end_layers(len(layer_bits), n_layers, args.high_bits)
-        candidates = [base]
-        for label, cfg in ((f"{base.label} + calibrated map", calibrated),
-                           (f"{base.label} + first/last layers", config.replace(layer_bits=guess))):
-            candidates.append(CacheSpec(label, lambda m, c=cfg: make_kv_cache(m, c), cfg))
-        with progress(total=(len(candidates) + 1) * chunks_per_run(len(held_out), args.chunk),
-                      desc="check", unit="chunk") as bar:
-            check = evaluate_kld(model, held_out, candidates, args.chunk, progress=_advance(bar))
-        for row, bits in zip(check, ((), layer_bits, guess)):
-            row["kv_bits_map"] = format_layer_bits(bits)
+        result = calibrate_and_check(model, calibration, held_out, base.config, args.high_bits, budget,
+                                     args.chunk, base.label, _advance(bar))
+    rows, check, bits_map = result.rows, result.check, result.bits_map
 
     metadata = run_metadata(
         model=model_name, corpus=corpus.name, tokens=len(calibration), check_tokens=len(held_out),
         chunk=args.chunk, base=base.label, high_bits=args.high_bits, budget=budget, kv_bits_map=bits_map,
         check=check,
     )
-    raised = len(layer_bits)
-    mean_bits = (low * (n_layers - raised) + high * raised) / n_layers
     about = [
         f"model: {model_name}",
         f"calibration: the first {len(calibration)} tokens of {corpus.name}, chunks of {args.chunk}; "
         f"probe {base.label} ({base.description})",
-        f"budget: {budget:g} packed bits per element; {raised} of {n_layers} layers at "
-        f"{args.high_bits} bits, mean {mean_bits:.3g}",
+        f"budget: {budget:g} packed bits per element; {len(result.config.layer_bits)} of {n_layers} layers at "
+        f"{args.high_bits} bits, mean {result.mean_bits:.3g}",
     ]
     advice = (f"--kv-bits-map {bits_map}   (with --kv-config {base.label}; e.g. mlxkv generate --kv-config "
               f"{base.label} --kv-bits-map {bits_map})" if bits_map else

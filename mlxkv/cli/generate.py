@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 from mlxkv.cli.common import (
-    add_generation_arguments, add_model_argument, check_context, encode_chat, load_model, messages_for, note,
-    sampling_from_args,
+    HelpFormatter, add_generation_arguments, add_model_argument, check_context, encode_chat, load_model, messages_for, note,
+    sampling_from_args, size_arg,
 )
 from mlxkv.cli.kv_args import add_kv_arguments, kv_epilog, request_from_args
 from mlxkv.errors import UserError
@@ -21,8 +21,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "generate",
         help="generate text with a quantized / bounded KV cache",
         description="Generate text, streaming it to stdout; statistics go to stderr.",
-        epilog="Example: mlxkv generate --prompt 'Tell me about Paris' --kv-bits 4 --max-kv 4096\n\n" + kv_epilog(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Example:\n  mlxkv generate --prompt 'Tell me about Paris' --kv-bits 4 --max-kv 4096\n\n" + kv_epilog(),
+        formatter_class=HelpFormatter,
     )
     add_model_argument(p)
     p.add_argument("--prompt", "-p", default=DEFAULT_PROMPT,
@@ -33,7 +33,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "there (as llama.cpp's --prompt-cache)")
     add_kv_arguments(p)
     mem = p.add_argument_group("memory")
-    mem.add_argument("--memory", metavar="SIZE",
+    mem.add_argument("--memory", metavar="SIZE", type=size_arg,
                      help="budget for --kv-bits auto, e.g. 8GB (default: this machine's recommended working set)")
     mem.add_argument("--memory-report", metavar="FILE",
                      help="record memory per step (tokens, KV bytes per layer, MLX active/peak/cache, time) "
@@ -56,20 +56,19 @@ def check_outputs(args: argparse.Namespace) -> None:
     """Every file the run will write, checked before the model loads."""
     from mlxkv.caches.prompt_cache import check_prompt_cache_path
     from mlxkv.memory import load_memory_run, report_format
-    from mlxkv.report import check_output_path, require_pyplot
+    from mlxkv.report import check_output_path, check_plot_path
 
     if args.prompt_cache:
         check_prompt_cache_path(args.prompt_cache)
+        check_output_path(args.prompt_cache, "--prompt-cache")
     if args.memory_report:
-        report_format(args.memory_report, "--memory-report")
         check_output_path(args.memory_report, "--memory-report")
+        report_format(args.memory_report, "--memory-report")
     if args.memory_compare and not args.memory_plot:
         raise UserError("--memory-compare draws earlier reports on --memory-plot; add --memory-plot FILE.png")
     for path in args.memory_compare:
         load_memory_run(path)
-    if args.memory_plot:
-        check_output_path(args.memory_plot, "--memory-plot")
-        require_pyplot()
+    check_plot_path(args.memory_plot, "--memory-plot")
 
 
 def run(args: argparse.Namespace) -> int:

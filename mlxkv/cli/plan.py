@@ -8,10 +8,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mlxkv.cli.common import count_arg
-from mlxkv.cli.kv_args import add_kv_arguments
+from mlxkv.cli.common import HelpFormatter, count_arg, size_arg
+from mlxkv.cli.kv_args import add_kv_arguments, kv_epilog
 from mlxkv.errors import UserError
 from mlxkv.loading.models import MODEL_HELP
+from mlxkv.units import SIZE_HELP
 
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 BASELINES = ("mlxlm-fp16", "mlxlm-q8", "mlxlm-q4")
@@ -28,10 +29,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             "config (and weight sizes): nothing is loaded."
         ),
         epilog=(
-            "Examples: mlxkv plan --context 8192 | "
-            "mlxkv plan --model meta-llama/Meta-Llama-3-8B --context 32k --memory 16GB | "
-            "mlxkv plan --config config.json --context 100000 --max-kv 8192 --json plan.json"
+            "Examples:\n"
+            "  mlxkv plan --context 8192\n"
+            "  mlxkv plan --model meta-llama/Meta-Llama-3-8B --context 32k --memory 16GB\n"
+            "  mlxkv plan --config config.json --context 100000 --max-kv 8192 --json plan.json\n\n"
+            "Sizes are in MB and GB of 1024^2 and 1024^3 bytes. A config.json's quantization block is read as "
+            "mlx-lm's loader reads it (bits, group size, per-module overrides).\n\n" + kv_epilog()
         ),
+        formatter_class=HelpFormatter,
     )
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", help=MODEL_HELP + " (a repo id: only config.json and safetensors headers are "
@@ -40,14 +45,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--context", type=_tokens_arg, metavar="TOKENS",
                    help="target context (prompt + generated tokens), e.g. 32768 or 32k; "
                         "default: the model's trained context")
-    p.add_argument("--memory", metavar="SIZE",
-                   help="memory budget, e.g. 8GB (powers of 1024); default: this machine's recommended "
-                        "working set (or $MLXKV_MEMORY)")
+    p.add_argument("--memory", metavar="SIZE", type=size_arg,
+                   help=f"memory budget, e.g. 8GB ({SIZE_HELP}; a bare 8 is refused rather than read as "
+                        "8 bytes); default: this machine's recommended working set (or $MLXKV_MEMORY)")
     p.add_argument("--batch", type=count_arg("--batch"), default=1, metavar="N", help="sequences generated together (default 1)")
     p.add_argument("--dtype", choices=tuple(DTYPE_BYTES), default="float16",
                    help="dtype the model computes in: float16 on a Mac (default); float32 for a CPU device, "
                         "where mlxkv also expands quantized weights to float32")
-    p.add_argument("--weights-bytes", metavar="SIZE", help="the weights' size, when you know better (e.g. 4.5GB)")
+    p.add_argument("--weights-bytes", metavar="SIZE", type=size_arg, help=f"the weights' size, when you know better (e.g. 4.5GB; {SIZE_HELP})")
     p.add_argument("--configs", "--kv-configs", dest="configs", metavar="SPEC,SPEC,...",
                    help="configurations to compare, names or spec strings (default: every scheme, best measured "
                         "quality first)")
@@ -73,10 +78,14 @@ def run(args: argparse.Namespace) -> int:
     from mlxkv.memory.layout import layout_from_config
     from mlxkv.loading.model_config import model_source, weights_bytes
     from mlxkv.memory.planner import candidate_configs, compatible_configs, plan, recommend
-    from mlxkv.units import format_bytes, parse_bytes
+    from mlxkv.units import format_bytes
 
+    from mlxkv.report import check_output_path
+
+    if args.json not in (None, "-"):
+        check_output_path(args.json, "--json")
     memory = device_memory(args.memory)  # parse the budget before any download
-    explicit_weights = parse_bytes(args.weights_bytes, "weights size") if args.weights_bytes else None
+    explicit_weights = args.weights_bytes
     from mlxkv.cli.kv_args import overrides_from_args, specs_from_args
 
     if args.kv_bits == "auto":
@@ -179,4 +188,4 @@ def _write_json(target: str, rows: list, choice: tuple[str, str] | None, info: d
         json.dump({"metadata": metadata, "rows": records}, sys.stdout, indent=2)
         print()
     else:
-        write_json(target, records, metadata)
+        write_json(target, records, metadata, "--json")

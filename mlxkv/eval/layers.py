@@ -9,17 +9,23 @@ budget then goes to the most sensitive layers first.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from mlxkv.config import FULL_PRECISION, KVConfig
-from mlxkv.config.precision import resolve_bits
+from mlxkv.config.precision import check_bits, resolve_bits
 from mlxkv.errors import UserError
-from mlxkv.eval.kld import Progress, evaluate_kld
+from mlxkv.eval.configs import CacheSpec
+from mlxkv.eval.kld import Progress, chunks_per_run, evaluate_kld
 
 DEFAULT_CALIBRATION_TOKENS = 256
+DEFAULT_CHECK_TOKENS = 512
+"""Held-out tokens, right after the calibration text, on which the map is checked."""
+DEFAULT_BASE = "q3"
+DEFAULT_HIGH_BITS = 8
 
 
 def layer_count(model: nn.Module) -> int:
@@ -91,3 +97,76 @@ def end_layers(count: int, n_layers: int, high_bits: int) -> tuple[tuple[int, in
     order = [i for pair in zip(range(n_layers), reversed(range(n_layers))) for i in pair]
     chosen = list(dict.fromkeys(order))[: max(0, min(count, n_layers))]
     return tuple(sorted((i, high_bits) for i in chosen))
+
+
+# -- the whole procedure: calibrate on one text, check on the text that follows -------------------
+@dataclass
+class LayerCalibration:
+    """What ``calibrate_and_check`` found: the config with its per-layer bits, one row per layer
+    (``layer``, ``kld`` alone, ``top1``, ``bits``) and the held-out check (one row per
+    candidate, as ``evaluate_kld`` returns them, plus its ``kv_bits_map``)."""
+
+    config: KVConfig
+    rows: list[dict[str, Any]]
+    check: list[dict[str, Any]] = field(default_factory=list)
+    mean_bits: float = 0.0
+
+    @property
+    def bits_map(self) -> str:
+        return format_layer_bits(self.config.layer_bits)
+
+
+def check_layers_request(base: KVConfig, high_bits: int, budget: float | None, *, base_name: str | None = None,
+                         high_bits_name: str = "high_bits") -> float:
+    """Validate a calibration request before any model is loaded; return the budget (default:
+    the base's packed bits plus 0.5). ``base`` must be an mlxkv affine config with bits. The
+    names are what the messages call the base and ``high_bits`` (the CLI passes its flags)."""
+    base_name = base_name or f"the base config {base.describe()}"
+    if base.backend != "mlxkv" or base.bits is None or base.adaptive or base.mode != "affine":
+        raise UserError(f"{base_name} cannot take per-layer bits; "
+                        "use an mlxkv affine config with bits, such as q3 or q4-rot")
+    check_bits(high_bits, high_bits_name)
+    low, high = nominal_bits(base.bits, base.group_size), nominal_bits(high_bits, base.group_size)
+    if high <= low:
+        raise UserError(f"{high_bits_name} {high_bits} is not above the base's {base.bits} bits; raise it")
+    budget = low + 0.5 if budget is None else budget
+    allocate_bits([0.0], base.bits, high_bits, budget, base.group_size)  # a budget below the base fails now
+    return budget
+
+
+def calibration_chunks(n_layers: int, calibration: int, held_out: int, chunk: int) -> int:
+    """Forward passes ``calibrate_and_check`` makes (for one progress bar's total)."""
+    total = (n_layers + 1) * chunks_per_run(calibration, chunk)
+    if held_out >= 2:
+        total += 4 * chunks_per_run(held_out, chunk)  # reference, base, calibrated, end layers
+    return total
+
+
+def calibrate_and_check(
+    model: nn.Module, calibration: Sequence[int], held_out: Sequence[int], base: KVConfig, high_bits: int,
+    budget: float, chunk: int = 16, label: str | None = None, progress: Progress | None = None,
+) -> LayerCalibration:
+    """Measure each layer's sensitivity on ``calibration``, spend ``budget`` bits per element on
+    the most sensitive layers, then (if ``held_out`` has 2 tokens or more) compare on it the
+    base config alone, the calibrated map, and raising as many first and last layers (the
+    usual guess without calibration). ``label`` names the base in the check's rows."""
+    from mlxkv.caches.factory import make_kv_cache
+
+    label = label or base.describe()
+    n_layers = layer_count(model)
+    calibrated, rows = calibrated_config(model, calibration, base, high_bits, budget, chunk, progress)
+    layer_bits = calibrated.layer_bits
+    raised = len(layer_bits)
+    low, high = nominal_bits(base.bits, base.group_size), nominal_bits(high_bits, base.group_size)
+    result = LayerCalibration(calibrated, rows, mean_bits=(low * (n_layers - raised) + high * raised) / n_layers)
+    if len(held_out) < 2 or not layer_bits:
+        return result
+    guess = end_layers(raised, n_layers, high_bits)
+    candidates = [CacheSpec(label, lambda m: make_kv_cache(m, base), base)]
+    for name, config in ((f"{label} + calibrated map", calibrated),
+                         (f"{label} + first/last layers", base.replace(layer_bits=guess))):
+        candidates.append(CacheSpec(name, lambda m, c=config: make_kv_cache(m, c), config))
+    result.check = evaluate_kld(model, held_out, candidates, chunk, progress=progress)
+    for row, bits in zip(result.check, ((), layer_bits, guess)):
+        row["kv_bits_map"] = format_layer_bits(bits)
+    return result

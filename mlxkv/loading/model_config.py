@@ -77,21 +77,99 @@ def weights_bytes(source: ModelSource, dtype_bytes: int) -> tuple[int, str]:
     """(bytes, how they were found) for the weights as loaded with ``dtype_bytes``-byte floats.
 
     4 bytes means a CPU device, where mlxkv expands quantized weights to float32: parameters
-    x 4. Otherwise the weights as stored, or, for a bare config, parameters x dtype (an
-    estimate that ignores quantization).
+    x 4. Otherwise the weights as stored; for a bare config, the layers its ``quantization``
+    block quantizes (as mlx-lm's loader does) packed, and the rest at ``dtype_bytes``.
     """
     from mlxkv.memory.layout import parameter_count
 
     if dtype_bytes != 4 and source.stored_bytes:
         return source.stored_bytes, "as stored"
+    if dtype_bytes != 4 and (quantization := mlx_quantization(source.config)) is not None:
+        packed = quantized_weights_bytes(source.config, dtype_bytes)
+        if packed is not None:
+            mode = quantization.get("mode", "affine")
+            scheme = f"{quantization['bits']}-bit g{quantization['group_size']}" + ("" if mode == "affine" else f" {mode}")
+            return packed, f"{scheme} as the config's quantization block says, other tensors x {dtype_bytes} bytes"
     params = source.parameters or parameter_count(source.config)
     if params is None:
         raise UserError(
             f"cannot tell the weights' size of {source.name} (mlx-lm does not know its architecture); "
             "pass --weights-bytes, e.g. --weights-bytes 4.5GB"
         )
-    how = "expanded to float32 as on a CPU device" if dtype_bytes == 4 else "an estimate that ignores quantization"
+    if dtype_bytes == 4:
+        how = "expanded to float32 as on a CPU device"
+    elif _quantization_block(source.config) is not None:
+        how = "an estimate: the config's quantization is not one mlx-lm stores packed"
+    else:
+        how = "unquantized"
     return params * dtype_bytes, f"{params / 1e6:,.1f}M parameters x {dtype_bytes} bytes, {how}"
+
+
+# -- quantized configs ---------------------------------------------------------------------------
+# mlx-lm's loader (mlx_lm.utils.load_model) reads the "quantization" block, and a few
+# "quantization_config" methods it maps onto the same affine/microscaling formats.
+_MLX_QUANT_METHODS = {"mxfp4": {"group_size": 32, "bits": 4, "mode": "mxfp4"},
+                      "mxfp8": {"group_size": 32, "bits": 8, "mode": "mxfp8"}}
+
+
+def _quantization_block(config: dict[str, Any]) -> dict[str, Any] | None:
+    for owner in (config, config.get("text_config") or {}):
+        for key in ("quantization", "quantization_config"):
+            if isinstance(owner.get(key), dict):
+                return owner[key]
+    return None
+
+
+def mlx_quantization(config: dict[str, Any]) -> dict[str, Any] | None:
+    """The config's quantization as mlx-lm's loader applies it (``bits``, ``group_size``,
+    ``mode`` and per-module overrides keyed by module path), or None when the weights are
+    not stored packed in an MLX format."""
+    block = _quantization_block(config)
+    if block is None:
+        return None
+    if "bits" in block and "group_size" in block and "quant_method" not in block:
+        return block
+    return _MLX_QUANT_METHODS.get(str(block.get("quant_method")))
+
+
+def quantized_weights_bytes(config: dict[str, Any], dtype_bytes: int) -> int | None:
+    """Bytes of the weights mlx-lm holds for a quantized ``config``: its model built lazily (no
+    weights are allocated) and quantized the way ``mlx_lm.convert`` wrote it (the config's
+    per-module overrides, else every layer with ``to_quantized`` whose input divides the
+    group size and that the model's own ``quant_predicate`` accepts). Packed data and
+    integer scales count as they are; floating tensors (16-bit scales and biases, norms,
+    unquantized layers) at ``dtype_bytes``. None when mlx-lm cannot build the model.
+
+    A layer that ``mlx_lm.convert`` skipped without writing it in the config (a custom
+    predicate returning False) cannot be told from the config alone: it counts as quantized."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    from mlxkv.memory.layout import _build_lazily  # the planner's lazy build: one rule for both
+
+    quantization = mlx_quantization(config)
+    built = _build_lazily(config) if quantization is not None else None
+    if built is None:
+        return None
+    model = built[0]
+    group_size = int(quantization["group_size"])
+    own_predicate = getattr(model, "quant_predicate", None)
+
+    def predicate(path: str, module: nn.Module) -> bool | dict:
+        if path in quantization:
+            return quantization[path]
+        if not hasattr(module, "to_quantized") or module.weight.shape[-1] % group_size:
+            return False
+        return own_predicate(path, module) if own_predicate is not None else True
+
+    try:
+        nn.quantize(model, group_size, int(quantization["bits"]), mode=quantization.get("mode", "affine"),
+                    class_predicate=predicate)
+    except (ValueError, TypeError, KeyError) as e:
+        raise UserError(f"cannot apply the config's quantization block ({e}); pass --weights-bytes") from None
+    return sum(v.nbytes if mx.issubdtype(v.dtype, mx.integer) else v.size * dtype_bytes
+               for _, v in tree_flatten(model.parameters()))
 
 
 # -- local directory -------------------------------------------------------------------------

@@ -12,12 +12,14 @@ from pathlib import Path
 from mlxkv.errors import UserError
 from mlxkv.memory.tracker import MemoryRun
 
-MB = 1024**2
+from mlxkv.units import MB
 
 
-def plot_memory_runs(runs: Sequence[MemoryRun], path: str | Path, title: str | None = None) -> Path:
+def plot_memory_runs(runs: Sequence[MemoryRun], path: str | Path, title: str | None = None,
+                     option: str = "--memory-plot") -> Path:
     """Draw ``runs`` to ``path`` (.png, .pdf, .svg): KV bytes on the left; MLX's active
-    (solid) and peak (dotted) memory on the right, weights included. Returns the path."""
+    (solid) and peak (dotted) memory on the right, weights included. Returns the path.
+    ``option``: the flag that named ``path``, for the one-line error if it cannot be written."""
     from mlxkv.report import require_pyplot, save_figure
 
     runs = [run for run in runs if run.records]
@@ -42,5 +44,5 @@ def plot_memory_runs(runs: Sequence[MemoryRun], path: str | Path, title: str | N
         ax.legend(fontsize=8)
     if title:
         fig.suptitle(title)
-    save_figure(fig, path, option="--memory-plot")
+    save_figure(fig, path, option=option)
     return Path(path)

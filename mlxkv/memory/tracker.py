@@ -114,9 +114,10 @@ class MemoryTracker:
         return (f"{self.run.label}: KV cache {format_bytes(last['kv_bytes'])} at {last['tokens']:,} tokens, "
                 f"peak memory {format_bytes(max(r['peak_bytes'] for r in self.records))}")
 
-    def save(self, path: str | Path) -> None:
-        """Write the records: ``.json`` (with metadata) or ``.csv`` (a column per layer)."""
-        save_memory_run(self.run, path)
+    def save(self, path: str | Path, option: str = "--memory-report") -> None:
+        """Write the records: ``.json`` (with metadata) or ``.csv`` (a column per layer).
+        ``option``: the flag that named ``path``, for the one-line error if it cannot be written."""
+        save_memory_run(self.run, path, option)
 
 
 def report_format(path: str | Path, option: str = "--memory-report") -> str:
@@ -127,25 +128,22 @@ def report_format(path: str | Path, option: str = "--memory-report") -> str:
     return suffix[1:]
 
 
-def save_memory_run(run: MemoryRun, path: str | Path) -> None:
-    """Write ``run``: JSON (records plus metadata: command, date, machine, ``run.info``) or CSV
-    (one row per step, a column per layer)."""
-    path = Path(path)
-    if report_format(path) == "json":
-        from mlxkv.report import run_metadata, write_json
+def save_memory_run(run: MemoryRun, path: str | Path, option: str = "--memory-report") -> None:
+    """Write ``run`` atomically: JSON (records plus metadata: command, date, machine, ``run.info``)
+    or CSV (one row per step, a column per layer)."""
+    from mlxkv.report import atomic_output, run_metadata, write_json
 
-        write_json(path, run.records, run_metadata(label=run.label, **run.info))
+    path = Path(path)
+    if report_format(path, option) == "json":
+        write_json(path, run.records, run_metadata(label=run.label, **run.info), option)
         return
     n_layers = max((len(r["kv_bytes_per_layer"]) for r in run.records), default=0)
     header = [*RECORD_FIELDS, *(f"kv_bytes_layer_{i}" for i in range(n_layers))]
-    try:
-        with open(path, "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
-            writer.writerow(header)
-            for r in run.records:
-                writer.writerow([r[k] for k in RECORD_FIELDS] + list(r["kv_bytes_per_layer"]))
-    except OSError as e:
-        raise UserError(f"cannot write {path}: {e.strerror}; choose another report path") from None
+    with atomic_output(path, option) as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        for r in run.records:
+            writer.writerow([r[k] for k in RECORD_FIELDS] + list(r["kv_bytes_per_layer"]))
 
 
 def load_memory_run(path: str | Path) -> MemoryRun:
