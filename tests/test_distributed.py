@@ -113,14 +113,14 @@ def load_job_model(job: dict, shard: bool = False):
     from mlxkv.loading.tiny import tiny_model
 
     if job["model"] == "tiny":
-        model, prompt = tiny_model("llama", **TINY), tiny_prompt()
+        model, prompt = tiny_model(job.get("arch", "llama"), **job.get("shape", TINY)), tiny_prompt()
     else:
         model, tokenizer = mlxkv.load(job["model"])
         if job.get("layers"):
             model.model.layers = model.model.layers[:job["layers"]]
         prompt = real_prompt(tokenizer)
     if shard:
-        distributed.shard(model, distributed.start())
+        distributed.shard(model, distributed.start(), pipeline=job.get("pipeline", False))
     return model, prompt
 
 
@@ -172,11 +172,11 @@ def failed(out: subprocess.CompletedProcess) -> bool:
     return out.returncode != 0 or "exited with code" in out.stderr or "was killed" in out.stderr
 
 
-def launch_ranks(tmp_path: Path, job: dict) -> tuple[list[dict], list[dict]]:
-    out = launch(sys.executable, __file__, "rank", json.dumps(job), str(tmp_path))
+def launch_ranks(tmp_path: Path, job: dict, ranks: int = RANKS) -> tuple[list[dict], list[dict]]:
+    out = launch(sys.executable, __file__, "rank", json.dumps(job), str(tmp_path), ranks=ranks)
     assert not failed(out), out.stderr[-3000:]
-    summaries = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(RANKS)]
-    log_probs = [mx.load(str(tmp_path / f"rank{r}.safetensors")) for r in range(RANKS)]
+    summaries = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(ranks)]
+    log_probs = [mx.load(str(tmp_path / f"rank{r}.safetensors")) for r in range(ranks)]
     return summaries, log_probs
 
 
@@ -191,18 +191,18 @@ def gap(reference: mx.array, other: mx.array) -> float:
 
 
 def check_against_one_process(reference: dict[str, dict], summaries: list[dict], log_probs: list[dict],
-                              specs: tuple[str, ...]) -> dict[str, dict]:
+                              specs: tuple[str, ...], exact: tuple[str, ...] = EXACT) -> dict[str, dict]:
     measured = {}
     for spec in specs:
         one = reference[spec]
         assert all(s[spec]["tokens"] == summaries[0][spec]["tokens"] for s in summaries)  # ranks agree
-        assert all(s[spec]["kv_bytes"] * RANKS == one["kv_bytes"] for s in summaries), spec  # a third each
+        assert all(s[spec]["kv_bytes"] * len(summaries) == one["kv_bytes"] for s in summaries), spec  # a share each
         assert all(mx.array_equal(lp[spec], log_probs[0][spec]).item() for lp in log_probs)  # one all_sum result
         measured[spec] = {"tokens equal": summaries[0][spec]["tokens"] == one["tokens"],
                           "kld": kld(one["log_probs"], log_probs[0][spec]),
                           "gap": gap(one["log_probs"], log_probs[0][spec])}
     for spec in specs:
-        if spec in EXACT:
+        if spec in exact:
             assert summaries[0][spec]["tokens"] == reference[spec]["tokens"], (spec, measured)
             assert measured[spec]["kld"] < KLD_NOISE and measured[spec]["gap"] < GAP_NOISE, (spec, measured)
     return measured
@@ -225,6 +225,24 @@ def test_tiny_model_over_three_ranks_matches_one_process(tmp_path):
     assert all(s["layout"] == layer_shapes(per_rank) for s in summaries)
     assert [layer[0] for layer in summaries[0]["layout"]] == [1, 1]  # one KV head of three per rank
     print(f"against one process: {measured}")
+
+
+def test_pipeline_over_two_ranks_with_mlx_lm_caches(tmp_path):
+    """--pipeline: each of 2 ranks runs one of the 2 layers; mlx-lm's caches (mlxkv's have no .keys
+    for the pipelined models to tie their sends to: a one-line error says so)."""
+    from mlxkv import distributed
+    from mlxkv.config.spec import parse_spec
+    from mlxkv.errors import UserError
+
+    configs = ("mlxlm-fp16", "mlxlm-q8")
+    job = {"model": "tiny", "arch": "qwen2", "shape": {"hidden_size": 256, "tie_word_embeddings": False},
+           "pipeline": True, "configs": configs, "steps": 6, "chunk": 48}
+    summaries, log_probs = launch_ranks(tmp_path, job, ranks=2)
+    reference = run_job(*load_job_model(job), job)
+    check_against_one_process(reference, summaries, log_probs, configs, exact=configs)
+    assert [len(s["layout"]) for s in summaries] == [1, 1]  # one layer each, with all its heads
+    with pytest.raises(UserError, match="--pipeline runs with mlx-lm's caches only"):
+        distributed.check_config(distributed.Sharding(size=2, mode=distributed.PIPELINE), parse_spec("q4"))
 
 
 def test_the_sizes_a_model_splits_into():
