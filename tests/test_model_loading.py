@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from mlxkv.cli.main import main
+from mlxkv.loading import load_info
 from mlxkv.loading.models import GEMMA3_CHUNKS, GEMMA3_PACKAGE, MODELS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,7 +112,7 @@ def test_gemma3_270m_answers_through_its_short_name() -> None:
     from mlxkv.loading.model_config import model_source
 
     model, tokenizer = mlxkv.load("gemma3-270m")
-    info = model.mlxkv_load_info
+    info = load_info(model)
     config = json.loads((info.model_dir / "config.json").read_text())
     assert (config["sliding_window_pattern"], config["sliding_window"], config["rope_local_base_freq"],
             config["rope_theta"]) == (6, 512, 10_000.0, 1_000_000.0)

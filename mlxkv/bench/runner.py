@@ -22,6 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlxkv.config import KVConfig
+from mlxkv.distributed import rank0_print
 from mlxkv.errors import UserError, at_least
 from mlxkv.eval.configs import CacheSpec, parse_specs
 from mlxkv.memory.held import kv_held
@@ -154,7 +155,7 @@ def run_bench(
     at_least(trials, 1, "trials")
     at_least(chunk_size, 1, "chunk_size")
     for warning in check_contexts(model, contexts, gen_tokens):
-        print(f"mlxkv: warning: {warning}", file=sys.stderr)
+        rank0_print(f"mlxkv: warning: {warning}", file=sys.stderr)
     contexts = list(dict.fromkeys(contexts))
     prompts = {n: synthetic_prompt(model, n, seed) for n in contexts}
 
@@ -178,7 +179,7 @@ def run_bench(
     except KeyboardInterrupt:  # a long run stopped by hand still reports what it measured
         if not samples:
             raise
-        print("mlxkv: interrupted; reporting the runs that finished (see each row's trials)", file=sys.stderr)
+        rank0_print("mlxkv: interrupted; reporting the runs that finished (see each row's trials)", file=sys.stderr)
 
     weights = model_weights_bytes(model)
     rows = [

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from mlxkv.bench.runner import DEFAULT_CONFIGS, DEFAULT_CONTEXTS, DEFAULT_PREFILL_CHUNK, PROMPT_NOTE
-from mlxkv.cli.common import HelpFormatter, count_arg, token_list_arg
+from mlxkv.cli.common import HelpFormatter, add_distributed_arguments, count_arg, token_list_arg
 from mlxkv.cli.kv_args import add_kv_arguments, kv_epilog, specs_from_args
 from mlxkv.loading import load_info
 from mlxkv.loading.models import MODEL_HELP
@@ -60,6 +60,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", help=MODEL_HELP)
     add_bench_arguments(p)
+    add_distributed_arguments(p)
     p.set_defaults(run=run)
 
 
@@ -115,6 +116,10 @@ def render(rows: Sequence[dict[str, Any]], metadata: dict[str, Any], markdown: b
         f"{metadata['gen_tokens']} greedy decode steps; {metadata['trials']} trials, interleaved",
         f"machine: {m['machine']} {m['chip']}, {m['os']}, {m['device']}, mlx {m['mlx']}, mlx-lm {m['mlx_lm']}",
     ]
+    if metadata.get("ranks", 1) > 1:
+        about.append(f"ranks: {metadata['ranks']} ({metadata['sharding']} parallel); the table shows rank 0, "
+                     "the per-rank table every rank")
+        table += "\n\n" + rank_table(shown, markdown)
     if not markdown:
         return "\n".join([*about, "", table, "", NOTES])
     return "\n".join([
@@ -124,11 +129,28 @@ def render(rows: Sequence[dict[str, Any]], metadata: dict[str, Any], markdown: b
     ])
 
 
+def rank_table(rows: Sequence[dict[str, Any]], markdown: bool) -> str:
+    """KV bytes and peak memory of every rank, for a run under mlx.launch."""
+    from mlxkv.report import markdown_table, text_table
+
+    shown = [{"config": r["config"], "context": r["context"],
+              "kv": " / ".join(f"{b / MB:.3g}" for b in r["kv_bytes_per_rank"]),
+              "peak": " / ".join(f"{b / MB:.4g}" for b in r["peak_memory_bytes_per_rank"])} for r in rows]
+    return (markdown_table if markdown else text_table)(
+        shown, ["config", "context", "kv", "peak"], ["config", "context", "KV MB per rank", "peak MB per rank"])
+
+
 def run(args: argparse.Namespace) -> int:
     import mlxkv
+    from mlxkv import distributed
+    from mlxkv.bench.runner import resolve_configs
 
     check_arguments(args)
+    distributed.start()
     model, _ = mlxkv.load(args.model)
+    sharding = distributed.setup(model, args)
+    for spec in resolve_configs(args.configs):
+        distributed.check_config(sharding, spec.config)
     info = load_info(model)
     name = str(getattr(info, "source", None) or args.model or "default model")
     return bench_and_report(model, name, args, weights_dtype=getattr(info, "dtype", None))
@@ -148,6 +170,7 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 def bench_and_report(model: Any, model_name: str, args: argparse.Namespace, weights_dtype: str | None = None) -> int:
     """Run the bench with a progress bar, print the table, write the files asked for."""
+    from mlxkv import distributed
     from mlxkv.bench.runner import check_contexts, resolve_configs, run_bench, runs_count
     from mlxkv.report import progress, run_metadata, write_json, write_text
 
@@ -163,6 +186,11 @@ def bench_and_report(model: Any, model_name: str, args: argparse.Namespace, weig
             model, configs, args.contexts, args.gen_tokens, args.trials,
             args.prefill_chunk, args.seed, args.warmup, advance,
         )
+    sharding = distributed.sharding_of(model)
+    if sharding.active:  # every rank takes part; rank 0 reports
+        distributed.add_rank_columns(rows)
+        if not sharding.main:
+            return 0
 
     metadata = run_metadata(
         model=model_name,
@@ -173,6 +201,7 @@ def bench_and_report(model: Any, model_name: str, args: argparse.Namespace, weig
         trials=args.trials,
         contexts=args.contexts,
         configs=[spec.label for spec in configs],
+        **({"ranks": sharding.size, "sharding": sharding.mode} if sharding.active else {}),
     )
     print(render(rows, metadata, markdown=False))
     if args.json:

@@ -11,7 +11,8 @@ import argparse
 import sys
 
 from mlxkv.cli.common import (
-    HelpFormatter, add_generation_arguments, add_model_argument, encode_chat, load_model, note, sampling_from_args, size_arg,
+    HelpFormatter, add_distributed_arguments, add_generation_arguments, add_model_argument, encode_chat, load_model,
+    note, sampling_from_args, size_arg,
 )
 from mlxkv.cli.kv_args import add_kv_arguments, kv_epilog, request_from_args
 
@@ -31,17 +32,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_generation_arguments(p, max_tokens=512)
     add_kv_arguments(p)
     p.add_argument("--memory", metavar="SIZE", type=size_arg, help="budget for --kv-bits auto, e.g. 8GB")
+    add_distributed_arguments(p)
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from mlxkv import distributed
     from mlxkv.engine import Session
 
     request = request_from_args(args)
     params = sampling_from_args(args)
     model, tokenizer, _ = load_model(args)
+    sharding = distributed.setup(model, args)
+    if sharding.active:  # mlx.launch sends what is typed to every rank, but never an end of input
+        note(sharding.describe() + "; type 'q' to quit (Ctrl-D does not reach the ranks)")
     trained = getattr(getattr(model, "args", None), "max_position_embeddings", None) or 8192
-    config = request.resolve(model, context=trained, memory=args.memory, note=note)
+    config = request.resolve(model, context=trained, memory=distributed.agreed_budget(args.memory), note=note)
+    distributed.check_config(sharding, config)
     note(f"KV cache: {config.describe()}")
     session = Session(model, tokenizer, config, prefill_step_size=args.prefill_step_size)
     system = [{"role": "system", "content": args.system}] if args.system else []
@@ -74,3 +81,6 @@ def run(args: argparse.Namespace) -> int:
         print(flush=True)
         messages.append({"role": "assistant", "content": "".join(answer)})
         note(session.stats.summary())
+        if sharding.active:  # every rank takes part; rank 0 prints
+            note(distributed.memory_line(distributed.gather_memory(session.stats.kv.allocated,
+                                                                   session.stats.peak_bytes)))

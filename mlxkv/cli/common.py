@@ -25,8 +25,12 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def note(text: str) -> None:
-    """Progress and statistics go to stderr, so stdout stays clean for pipes."""
-    print(f"[mlxkv] {text}", file=sys.stderr, flush=True)
+    """Progress and statistics go to stderr, so stdout stays clean for pipes; under mlx.launch
+    only rank 0 speaks."""
+    from mlxkv.distributed import is_main
+
+    if is_main():
+        print(f"[mlxkv] {text}", file=sys.stderr, flush=True)
 
 
 def add_model_argument(p: argparse.ArgumentParser) -> None:
@@ -36,10 +40,25 @@ def add_model_argument(p: argparse.ArgumentParser) -> None:
                         "(less memory, several times slower there)")
 
 
+def add_distributed_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags for runs over several machines (``mlx.launch``); see ``mlxkv.distributed``."""
+    from mlxkv.distributed import H2O_CAVEAT, PIPELINE_HELP
+
+    group = p.add_argument_group(
+        "several machines",
+        "Started with mlx.launch (e.g. mlx.launch --backend ring --hostfile hosts.json -- mlxkv ...), the model "
+        "is split over the ranks as mlx-lm does: tensor parallel by default, each rank holding its share of "
+        "every layer's KV heads in its own cache (any KV config); rank 0 prints. " + H2O_CAVEAT + ".")
+    group.add_argument("--pipeline", action="store_true", help=PIPELINE_HELP)
+
+
 def load_model(args: argparse.Namespace) -> tuple[Any, Any, str]:
-    """(model, tokenizer, model id) with the load note printed."""
+    """(model, tokenizer, model id) with the load note printed (by rank 0 under mlx.launch)."""
     import mlxkv
+    from mlxkv.distributed import start
     from mlxkv.loading import load_info
+
+    start()  # under mlx.launch: join the group first, so only rank 0 prints from here on
 
     model, tokenizer = mlxkv.load(args.model, keep_quantized=getattr(args, "keep_quantized_weights", False) or None)
     info = load_info(model)

@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 from mlxkv.cli.common import (
-    HelpFormatter, add_generation_arguments, add_model_argument, check_context, encode_chat, load_model, messages_for, note,
-    sampling_from_args, size_arg,
+    HelpFormatter, add_distributed_arguments, add_generation_arguments, add_model_argument, check_context,
+    encode_chat, load_model, messages_for, note, sampling_from_args, size_arg,
 )
 from mlxkv.cli.kv_args import add_kv_arguments, kv_epilog, request_from_args
 from mlxkv.errors import UserError
@@ -42,6 +42,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                      help="plot memory over tokens to FILE.png (needs matplotlib: pip install 'mlxkv[plot]')")
     mem.add_argument("--memory-compare", metavar="REPORT", nargs="+", default=[],
                      help="earlier --memory-report files drawn on the same --memory-plot (needs --memory-plot)")
+    add_distributed_arguments(p)
     p.set_defaults(run=run)
 
 
@@ -71,16 +72,38 @@ def check_outputs(args: argparse.Namespace) -> None:
     check_plot_path(args.memory_plot, "--memory-plot")
 
 
+def check_distributed(args: argparse.Namespace) -> None:
+    """Under mlx.launch: refuse what a group cannot do (before loading)."""
+    from mlxkv.distributed import raise_once, start
+
+    if start() is None:
+        return
+    if args.prompt == "-":
+        raise_once(UserError("under mlx.launch stdin never ends (mlx.launch keeps it open for every rank); "
+                             "pass the prompt with --prompt TEXT"))
+    if args.prompt_cache:
+        raise_once(UserError("--prompt-cache saves one process's cache, and under mlx.launch each rank holds only "
+                             "its share of the heads; drop --prompt-cache"))
+
+
 def run(args: argparse.Namespace) -> int:
+    from mlxkv import distributed
+
     request = request_from_args(args)  # everything that can be checked is checked before loading
     params = sampling_from_args(args)
+    check_distributed(args)
     prompt = read_prompt(args.prompt)
     check_outputs(args)
 
     model, tokenizer, model_id = load_model(args)
+    sharding = distributed.setup(model, args)
+    if sharding.active:
+        note(sharding.describe())
     tokens = encode_chat(tokenizer, messages_for(prompt, args.system), not args.no_chat_template)
     check_context(model, len(tokens), params.max_tokens)
-    config = request.resolve(model, context=len(tokens) + params.max_tokens, memory=args.memory, note=note)
+    config = request.resolve(model, context=len(tokens) + params.max_tokens,
+                             memory=distributed.agreed_budget(args.memory), note=note)
+    distributed.check_config(sharding, config)
     if config.max_kv is not None and len(tokens) > config.max_kv:
         note(f"the prompt ({len(tokens)} tokens) is longer than the window ({config.max_kv}); the model "
              f"sees its first {config.sinks} and last {config.max_kv - config.sinks} tokens (raise --sinks to "
@@ -108,7 +131,12 @@ def run(args: argparse.Namespace) -> int:
         return 130
     print(flush=True)
     note(session.stats.summary())
-    if tracker:
+    if sharding.active:  # every rank takes part; rank 0 prints
+        ranks = distributed.gather_memory(session.stats.kv.allocated, session.stats.peak_bytes)
+        note(distributed.memory_line(ranks))
+        if tracker:
+            tracker.run.info["ranks"] = [vars(r) for r in ranks]
+    if tracker and distributed.is_main():
         tracker.attach(session.cache)
         save_memory(tracker, args)
     return 0

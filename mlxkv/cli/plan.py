@@ -49,6 +49,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help=f"memory budget, e.g. 8GB ({SIZE_HELP}; a bare 8 is refused rather than read as "
                         "8 bytes); default: this machine's recommended working set (or $MLXKV_MEMORY)")
     p.add_argument("--batch", type=count_arg("--batch"), default=1, metavar="N", help="sequences generated together (default 1)")
+    p.add_argument("--ranks", type=count_arg("--ranks"), default=1, metavar="N",
+                   help="plan one of N machines the model is split over with mlx.launch (default 1): each holds "
+                        "1/N of the KV heads and of the transformer blocks' weights, and the whole embeddings "
+                        "and output head; --memory is then one machine's")
+    p.add_argument("--pipeline", action="store_true",
+                   help="with --ranks: each machine runs whole layers (pipeline parallel) instead of 1/N of "
+                        "every layer's heads (tensor parallel)")
     p.add_argument("--dtype", choices=tuple(DTYPE_BYTES), default="float16",
                    help="dtype the model computes in: float16 on a Mac (default); float32 for a CPU device, "
                         "where mlxkv also expands quantized weights to float32")
@@ -75,12 +82,11 @@ def _tokens_arg(text: str) -> int:
 def run(args: argparse.Namespace) -> int:
     from mlxkv.device import is_cpu
     from mlxkv.memory.machine_memory import device_memory
-    from mlxkv.memory.layout import layout_from_config
     from mlxkv.loading.model_config import model_source, weights_bytes
-    from mlxkv.memory.planner import candidate_configs, compatible_configs, plan, recommend
-    from mlxkv.units import format_bytes
-
+    from mlxkv.memory.layout import block_parameter_share, layout_from_config, split_modes
+    from mlxkv.memory.planner import candidate_configs, compatible_configs, plan, recommend, weights_per_rank
     from mlxkv.report import check_output_path
+    from mlxkv.units import format_bytes
 
     if args.json not in (None, "-"):
         check_output_path(args.json, "--json")
@@ -106,7 +112,12 @@ def run(args: argparse.Namespace) -> int:
             pass  # mlx-lm's quantized cache cannot hold a window: no such baseline
 
     source = model_source(args.model, args.config)
-    layout = layout_from_config(source.config)
+    layout = layout_from_config(source.config).per_rank(args.ranks, args.pipeline)  # one machine's part
+    modes = split_modes(source.config) if args.ranks > 1 else None
+    mode = "pipeline" if args.pipeline else "tensor"
+    if modes is not None and mode not in modes:
+        raise UserError(f"mlx-lm cannot split {layout.model_type or 'this'} models {mode}-parallel; "
+                        + (f"{'drop' if args.pipeline else 'pass'} --pipeline" if modes else "plan one machine"))
     configs, skipped = compatible_configs(configs, layout)
     if not configs or (args.configs and skipped):  # a configuration the user named must work
         raise UserError(next(iter(skipped.values())))
@@ -115,6 +126,12 @@ def run(args: argparse.Namespace) -> int:
         weights, weights_how = explicit_weights, "given with --weights-bytes"
     else:
         weights, weights_how = weights_bytes(source, dtype_bytes)
+    if layout.ranks > 1:
+        whole, share = weights, block_parameter_share(source.config)
+        weights = weights_per_rank(whole, layout, share)
+        weights_how = (f"one rank's part of {format_bytes(whole)} ({weights_how}); "
+                       + ("the embeddings and output head on every rank" if share is not None
+                          else "mlx-lm cannot build this model, so every weight is taken as split"))
     context = args.context or layout.max_position_embeddings
     if context is None:
         raise UserError("the model config does not say its context length; pass --context TOKENS")
@@ -128,7 +145,8 @@ def run(args: argparse.Namespace) -> int:
         _write_json(args.json, rows, choice, {
             "model": source.name, "model_kind": source.kind, "model_type": layout.model_type,
             "layout": layout.describe(), "layout_source": layout.source, "context": context,
-            "batch": args.batch, "dtype": args.dtype, "budget_bytes": memory.recommended,
+            "batch": args.batch, "ranks": args.ranks, "pipeline": args.pipeline, "dtype": args.dtype,
+            "budget_bytes": memory.recommended,
             "budget_source": memory.source, "weights_how": weights_how, "notes": notes,
         })
         return 0
@@ -139,7 +157,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"model:   {shown} ({layout.model_type or 'unknown type'}; {layout.describe()})")
     print(f"weights: {format_bytes(weights)} ({weights_how})")
     print(f"budget:  {format_bytes(memory.recommended)} ({memory.source})")
-    print(f"target:  {context:,} tokens, batch {args.batch}, {args.dtype} model dtype\n")
+    print(f"target:  {context:,} tokens, batch {args.batch}, {args.dtype} model dtype"
+          + (f"; per machine, one of {args.ranks}" if args.ranks > 1 else "") + "\n")
     table = [{
         "config": r.config,
         "bits": r.bits_per_element,

@@ -5,7 +5,7 @@ directory; a directory or a Hugging Face repo id goes to ``mlx_lm.load``. On a C
 dequantized to float32 by default: MLX's CPU quantized matrix-matrix kernel is ~15x
 slower than a float32 matmul through OpenBLAS, so prefill would crawl, and float16
 math on the CPU is slower still. Nothing is printed: what happened is recorded in
-``model.mlxkv_load_info`` (a LoadInfo) for the CLI to report.
+a LoadInfo on the model, read with ``load_info(model)``, for the CLI to report.
 """
 
 from __future__ import annotations
@@ -197,7 +197,7 @@ def load(
 
     ``keep_quantized`` defaults to False on a CPU device (dequantize: faster there) and True
     on a GPU. ``dtype`` casts the floating-point weights; by default float32 on a CPU device
-    and the model's own dtype on a GPU. ``model.mlxkv_load_info`` tells what was done.
+    and the model's own dtype on a GPU. ``load_info(model)`` tells what was done.
     """
     source, model_dir = resolve_model_dir(model)
     target_dtype = _as_dtype(dtype) or (mx.float32 if is_cpu() else None)

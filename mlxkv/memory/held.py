@@ -53,12 +53,13 @@ def filled_bytes(layer_cache: Any) -> tuple[int, int] | None:
 
 def kv_elements_per_token(model: nn.Module) -> int:
     """Key and value elements one token takes in one attention layer: 2 x kv_heads x head_dim
-    (0 when the model hides its shape)."""
+    (0 when the model hides its shape); on a rank of a tensor-parallel model, its own heads."""
     from mlxkv.caches.factory import model_head_dim
+    from mlxkv.distributed import tensor_shards
 
     args = getattr(model, "args", None)
     heads = getattr(args, "num_key_value_heads", None) or getattr(args, "num_attention_heads", None)
-    return 2 * int(heads or 0) * (model_head_dim(model) or 0)
+    return 2 * (int(heads or 0) // tensor_shards(model)) * (model_head_dim(model) or 0)
 
 
 def filled_totals(cache: Sequence[Any]) -> tuple[int, int]:

@@ -11,7 +11,8 @@ mlx-lm does not know fall back to rules on the config's fields.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
@@ -26,6 +27,8 @@ class LayerSpec:
 
     ``window``: the model's own sliding window (tokens a ``RotatingKVCache`` keeps, sinks
     included), None for full attention; ``keep``: tokens such a window keeps at the start.
+    ``query_heads``: the layer's query heads when known; they hold no cache (so they take no
+    part in comparisons) but tensor parallelism must split them too.
     """
 
     kv_heads: int
@@ -33,6 +36,7 @@ class LayerSpec:
     value_dim: int
     window: int | None = None
     keep: int = 0
+    query_heads: int | None = field(default=None, compare=False)
 
     @property
     def elements_per_token(self) -> int:
@@ -50,10 +54,36 @@ class ModelLayout:
     max_position_embeddings: int | None = None
     dtype_bytes: int | None = None  # the dtype keys and values arrive in, when probed on a loaded model
     source: str = "config"
+    ranks: int = 1  # machines the model is spread over; the layout is what one of them holds
+    pipeline: bool = False
+    mlp_widths: tuple[int, ...] = ()  # the MLPs' hidden widths (intermediate_size): tensor parallel splits them too
+    block_share: float = 1.0  # of the transformer blocks' weights, the part one rank holds
 
     @property
     def attention_layers(self) -> list[LayerSpec]:
         return [layer for layer in self.layers if layer is not None]
+
+    def per_rank(self, ranks: int, pipeline: bool = False) -> "ModelLayout":
+        """What one of ``ranks`` machines holds when mlx-lm shards the model: the one rule the
+        planner and ``mlxkv.distributed`` share. Tensor parallel (``model.shard``) splits every
+        layer's KV and query heads and its MLP over the ranks, so each keeps ``kv_heads / ranks``
+        heads of every cache and that share of every block's weights; pipeline (``model.model.pipeline``)
+        gives each rank whole layers, the first ranks one more when they do not divide (mlx-lm's
+        even split): the largest part is what must fit. UserError, naming the sizes that work,
+        when the model cannot be split that way."""
+        check_ranks(self, ranks, pipeline)
+        if ranks == 1:
+            return self
+        if pipeline:
+            largest = math.ceil(len(self.layers) / ranks)
+            return dataclasses.replace(self, layers=self.layers[:largest], ranks=ranks, pipeline=True,
+                                       block_share=largest / len(self.layers))
+        layers = tuple(None if layer is None else dataclasses.replace(
+            layer, kv_heads=layer.kv_heads // ranks,
+            query_heads=None if layer.query_heads is None else layer.query_heads // ranks)
+            for layer in self.layers)
+        return dataclasses.replace(self, layers=layers, ranks=ranks, pipeline=False, block_share=1 / ranks,
+                                   mlp_widths=tuple(width // ranks for width in self.mlp_widths))
 
     def describe(self) -> str:
         """e.g. '30 layers: 30 full attention; 3 KV heads x 64'."""
@@ -66,8 +96,36 @@ class ModelLayout:
         if len(attn) < len(self.layers):
             parts.append(f"{len(self.layers) - len(attn)} without a KV cache")
         shapes = sorted({(layer.kv_heads, layer.key_dim, layer.value_dim) for layer in attn})
-        dims = "; ".join(f"{h} KV heads x {k}" + (f"/{v}" if v != k else "") for h, k, v in shapes)
-        return f"{len(self.layers)} caches: {', '.join(parts)}; {dims}"
+        dims = "; ".join(f"{h} KV head{'s' if h != 1 else ''} x {k}" + (f"/{v}" if v != k else "")
+                         for h, k, v in shapes)
+        text = f"{len(self.layers)} caches: {', '.join(parts)}; {dims}"
+        if self.ranks > 1:
+            text += f" (one of {self.ranks} ranks, {'pipeline' if self.pipeline else 'tensor parallel'})"
+        return text
+
+
+def check_ranks(layout: ModelLayout, ranks: int, pipeline: bool = False) -> None:
+    """UserError unless ``ranks`` machines can split this model: tensor parallel needs every
+    layer's KV and query heads, and the MLP's hidden width, to divide by ``ranks``; pipeline
+    needs a layer per rank."""
+    if ranks < 1:
+        raise UserError(f"the number of ranks must be at least 1, got {ranks}")
+    if pipeline:
+        if ranks > len(layout.layers):
+            raise UserError(f"pipeline parallelism gives each rank whole layers and this model has "
+                            f"{len(layout.layers)}; use at most {len(layout.layers)} ranks")
+        return
+    parts = {(0, n, f"{n} KV heads") for n in {layer.kv_heads for layer in layout.attention_layers}}
+    parts |= {(1, n, f"{n} query heads") for n in {layer.query_heads for layer in layout.attention_layers} if n}
+    parts |= {(2, n, f"an MLP {n} wide") for n in layout.mlp_widths}
+    if all(n % ranks == 0 for _, n, _ in parts):
+        return
+    common = math.gcd(*(n for _, n, _ in parts))
+    sizes = [d for d in range(1, common + 1) if common % d == 0]
+    named = [text for _, _, text in sorted(parts)]
+    named = ", ".join(named[:-1]) + " and " + named[-1] if len(named) > 1 else named[0]
+    raise UserError(f"tensor parallelism splits the attention heads and the MLP over the ranks, and this model has "
+                    f"{named}, which do not divide by {ranks}; use {' or '.join(map(str, sizes))} ranks")
 
 
 # -- from a config dict ---------------------------------------------------------------------
@@ -84,13 +142,15 @@ def layout_from_config(config: dict[str, Any]) -> ModelLayout:
         fields = {**fields, **args}
     else:
         kinds = _kinds_from_rules(fields)
-    dims = _attention_dims(fields)
-    layers = tuple(None if kind is None else LayerSpec(*dims[i], *kind) for i, kind in enumerate(kinds))
+    dims, queries = _attention_dims(fields), _query_heads(fields)
+    layers = tuple(None if kind is None else LayerSpec(*dims[i], *kind, query_heads=queries[i])
+                   for i, kind in enumerate(kinds))
     return ModelLayout(
         layers=layers,
         model_type=fields.get("model_type") or config.get("model_type"),
         max_position_embeddings=_int_or_none(fields.get("max_position_embeddings")),
         source="mlx-lm" if built is not None else "config rules",
+        mlp_widths=_mlp_widths(fields),
     )
 
 
@@ -148,6 +208,22 @@ def _attention_dims(fields: dict[str, Any]) -> list[tuple[int, int, int]]:
     return dims
 
 
+def _mlp_widths(fields: dict[str, Any]) -> tuple[int, ...]:
+    """The dense MLPs' hidden widths (``intermediate_size``, one or per layer)."""
+    width = fields.get("intermediate_size")
+    values = width if isinstance(width, (list, tuple)) else [width]
+    return tuple(sorted({int(v) for v in values if isinstance(v, int) and v > 0}))
+
+
+def _query_heads(fields: dict[str, Any]) -> list[int | None]:
+    """Query heads per layer, None where the config does not say."""
+    n_layers = _first(fields, "num_hidden_layers", "n_layer", "num_layers", "n_layers")
+    heads = _first(fields, "num_attention_heads", "n_head", "num_heads", "n_heads")
+    if n_layers is None or heads is None:
+        return [None] * int(n_layers or 0)
+    return list(_per_layer(heads, int(n_layers), "num_attention_heads"))
+
+
 def _kinds_from_rules(fields: dict[str, Any]) -> list[tuple[int | None, int] | None]:
     """Cache kinds without mlx-lm: ``layer_types`` if given, else a Gemma-style pattern of
     sliding-window layers, else full attention everywhere (mlx-lm ignores a lone
@@ -202,12 +278,43 @@ def _build_lazily(config: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]] | 
 def parameter_count(config: dict[str, Any]) -> int | None:
     """Parameters of the (unquantized) model ``config`` describes, from mlx-lm's lazily built
     model; None when mlx-lm cannot build it."""
+    counts = _parameter_counts(config)
+    return None if counts is None else counts[0]
+
+
+def split_modes(config: dict[str, Any]) -> set[str] | None:
+    """How mlx-lm can split this model over ranks: "tensor" (the model has ``shard``) and/or
+    "pipeline" (``model.model.pipeline``); None when mlx-lm cannot build it."""
+    built = _build_lazily(config)
+    return None if built is None else model_split_modes(built[0])
+
+
+def model_split_modes(model: nn.Module) -> set[str]:
+    """How mlx-lm can split a built model, as ``split_modes``."""
+    return ({"tensor"} if hasattr(model, "shard") else set()) | (
+        {"pipeline"} if hasattr(getattr(model, "model", None), "pipeline") else set())
+
+
+def block_parameter_share(config: dict[str, Any]) -> float | None:
+    """Of the parameters, the share inside the transformer blocks (``layers.N.``): what mlx-lm
+    shards over ranks (tensor and pipeline alike); the embeddings, final norm and output head
+    stay whole on every rank. None when mlx-lm cannot build the model."""
+    counts = _parameter_counts(config)
+    return None if counts is None or not counts[0] else counts[1] / counts[0]
+
+
+def _parameter_counts(config: dict[str, Any]) -> tuple[int, int] | None:
+    """(all parameters, those in the transformer blocks) of mlx-lm's lazily built model."""
+    import re
+
+    from mlx.utils import tree_flatten
+
     built = _build_lazily(config)
     if built is None:
         return None
-    from mlx.utils import tree_flatten
-
-    return sum(v.size for _, v in tree_flatten(built[0].parameters()))
+    sizes = [(name, v.size) for name, v in tree_flatten(built[0].parameters())]
+    in_blocks = sum(size for name, size in sizes if re.search(r"(?:^|\.)layers\.\d+\.", name))
+    return sum(size for _, size in sizes), in_blocks
 
 
 def _effective_args(model: nn.Module) -> dict[str, Any]:
@@ -247,21 +354,33 @@ def layout_from_model(model: nn.Module) -> ModelLayout:
     shapes (and dtype) of what they store are read off the graph, never evaluated."""
     template = _template(model)
     model(mx.array([[0]]), cache=template)
+    args = _effective_args(model)
+    queries = _query_heads(args) if args else []
+    shards = _tensor_shards(model)
     layers: list[LayerSpec | None] = []
     dtype_bytes = None
-    for cache in template:
+    for i, cache in enumerate(template):
         kind = _cache_kind(cache)
         if kind is None or cache.keys is None:
             layers.append(None)
             continue
         _, kv_heads, _, key_dim = cache.keys.shape
-        layers.append(LayerSpec(kv_heads, key_dim, cache.values.shape[-1], *kind))
+        query_heads = queries[i] // shards if i < len(queries) and queries[i] else None
+        layers.append(LayerSpec(kv_heads, key_dim, cache.values.shape[-1], *kind, query_heads=query_heads))
         dtype_bytes = dtype_bytes or cache.keys.dtype.size
-    args = _effective_args(model)
     return ModelLayout(
         layers=tuple(layers),
         model_type=args.get("model_type"),
         max_position_embeddings=_int_or_none(args.get("max_position_embeddings")),
         dtype_bytes=dtype_bytes,
         source="probe",
+        ranks=shards,
+        mlp_widths=tuple(width // shards for width in _mlp_widths(args)),
     )
+
+
+def _tensor_shards(model: nn.Module) -> int:
+    """Ranks a tensor-parallel model was split over (``mlxkv.distributed``); 1 otherwise."""
+    from mlxkv.distributed import tensor_shards
+
+    return tensor_shards(model)

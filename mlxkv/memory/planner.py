@@ -94,6 +94,18 @@ def plan(layout: ModelLayout, context: int, budget: int, weights_bytes: int,
     return rows
 
 
+def weights_per_rank(weights_bytes: int, layout: ModelLayout, block_share: float | None) -> int:
+    """Bytes of weights one rank of ``layout`` holds. mlx-lm shards the transformer blocks (tensor
+    parallel: a share of every block; pipeline: whole blocks), ``layout.block_share`` of them per
+    rank, and keeps the embeddings, final norm and output head whole on every rank.
+    ``block_share``: the blocks' part of the parameters (``memory.layout.block_parameter_share``); None
+    when unknown, and then every weight is taken as split."""
+    if layout.ranks == 1:
+        return weights_bytes
+    in_blocks = weights_bytes * (1.0 if block_share is None else block_share)
+    return round(weights_bytes - in_blocks + in_blocks * layout.block_share)
+
+
 def compatible_configs(configs: Mapping[str, KVConfig], layout: ModelLayout) -> tuple[dict[str, KVConfig], dict[str, str]]:
     """(configs this model's head sizes allow, {name: why not} for the others)."""
     usable, skipped = {}, {}
