@@ -12,7 +12,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 
 if [ "$(uname -s)" = Linux ]; then
-  extras="cpu,dev,plot"
+  extras="cpu,dev,plot,serve"
   # MLX's Linux wheel bundles a reference BLAS (~3 GFLOP/s); OpenBLAS makes float32 matmul ~40x faster.
   if ! ls /usr/lib/*/libopenblas.so.0 /usr/lib64/libopenblas.so.0 >/dev/null 2>&1; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
@@ -23,7 +23,7 @@ if [ "$(uname -s)" = Linux ]; then
     fi
   fi
 else
-  extras="dev,plot"
+  extras="dev,plot,serve"
 fi
 
 stamp=".venv/.mlxkv-installed-$(cksum pyproject.toml | cut -d' ' -f1)"

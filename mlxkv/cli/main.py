@@ -14,6 +14,7 @@ SUBCOMMANDS = {
     "bench": "bench",
     "eval": "eval",
     "convert": "convert",
+    "serve": "serve",
 }
 
 
