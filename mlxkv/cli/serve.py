@@ -48,7 +48,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                              "recommended working set less the weights and the prefix cache)")
     engine.add_argument("--max-queue", type=_non_negative, default=DEFAULT_MAX_QUEUE,
                         help=f"requests waiting for room before new ones get 429 (default {DEFAULT_MAX_QUEUE})")
-    engine.add_argument("--prompt-cache-bytes", metavar="SIZE", type=_size,
+    engine.add_argument("--prompt-cache-bytes", metavar="SIZE", type=_size_or_zero,
                         help="budget of the prefix cache: finished conversations' KV caches kept to reuse for the "
                              "next turn, least recently used out first (default: a tenth of the memory left after "
                              "the weights; 0 turns it off)")
@@ -98,6 +98,10 @@ def _size(text: str) -> int:
         return parse_bytes(text, "size")
     except UserError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _size_or_zero(text: str) -> int:
+    return 0 if text.strip() == "0" else _size(text)
 
 
 def _require_serve_extra() -> None:

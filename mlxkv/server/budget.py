@@ -32,8 +32,8 @@ def server_budgets(model: nn.Module, kv_memory: str | int | None = None,
     from mlxkv.memory.machine_memory import device_memory
     from mlxkv.memory.tracker import model_weights_bytes
 
-    kv = parse_bytes(kv_memory, "--kv-memory") if kv_memory is not None else None
-    prefix = parse_bytes(prompt_cache, "--prompt-cache-bytes") if prompt_cache is not None else None
+    kv = _bytes(kv_memory, "--kv-memory")
+    prefix = _bytes(prompt_cache, "--prompt-cache-bytes")
     if kv is not None and prefix is not None:
         return Budgets(kv, prefix, f"KV budget {format_bytes(kv)} (--kv-memory), prefix cache {format_bytes(prefix)}")
     memory = device_memory()
@@ -52,3 +52,9 @@ def server_budgets(model: nn.Module, kv_memory: str | int | None = None,
     else:
         how = f"KV budget {format_bytes(kv)} (--kv-memory), prefix cache {format_bytes(prefix)}"
     return Budgets(kv, prefix, how)
+
+
+def _bytes(size: str | int | None, what: str) -> int | None:
+    if size is None or (isinstance(size, int) and size == 0):
+        return size
+    return parse_bytes(size, what)
