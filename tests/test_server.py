@@ -151,6 +151,7 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", _chat(stop=7), 400, "stop", None),
     ("/v1/chat/completions", _chat(stream="yes"), 400, "stream", None),
     ("/v1/chat/completions", _chat(n=2), 400, "n", None),
+    ("/v1/chat/completions", _chat(seed=2**70), 400, "seed", None),
     ("/v1/chat/completions", _chat(model="gpt-4o"), 404, "model", "model_not_found"),
     ("/v1/chat/completions", _chat(max_tokens=9000), 400, "messages", "context_length_exceeded"),
     ("/v1/chat/completions", _chat(max_tokens=BUDGET_TOKENS + 500), 400, "messages", "kv_budget_exceeded"),

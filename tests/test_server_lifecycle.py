@@ -21,7 +21,8 @@ from server_harness import MODEL_NAME, openai, port_of, serving
 
 from mlxkv.cli.main import main
 from mlxkv.config import KVConfig
-from mlxkv.engine import Engine
+from mlxkv.engine import Engine, SamplingParams
+from mlxkv.errors import UserError
 from mlxkv.loading.tiny import tiny_model
 
 LONG = 3000  # tokens: a stream this long is still running when the test acts on it
@@ -87,6 +88,25 @@ def test_clients_that_hang_up_free_their_rows_and_cache_memory(tokenizer):
         assert after["mlxkv_prefix_cache_bytes"] <= baseline["mlxkv_prefix_cache_bytes"]
         assert server.engine.metrics().generated_tokens < 4 * LONG  # they stopped early
         assert chat(client, "still there?", max_tokens=2).choices[0].finish_reason in ("stop", "length")
+
+
+def test_a_seeded_sampled_answer_repeats(tokenizer):
+    """OpenAI's seeds are signed 64-bit; the same seed (negative too) gives the same answer."""
+    with serving(tiny_engine(tokenizer, max_batch=2)) as server:
+        client = server.client()
+        answers = [chat(client, "pick a word", max_tokens=8, temperature=1.0, seed=seed).choices[0].message.content
+                   for seed in (-7, -7, 2**64 - 7)]
+        assert answers[0] == answers[1] == answers[2]  # -7 and 2**64 - 7 are one seed modulo 2**64
+
+
+@pytest.mark.xfail(strict=True, raises=TypeError,
+                   reason="engine bug: SamplingParams accepts any int seed; mx.random.key takes 0..2**64-1 only")
+def test_the_engine_refuses_a_seed_mlx_cannot_take_as_a_user_error(tokenizer):
+    try:
+        params = SamplingParams(max_tokens=2, temperature=1.0, seed=-1)
+    except UserError:
+        return  # refused where the rule lives: fine
+    tiny_engine(tokenizer).submit([1, 2, 3], params)  # TypeError from mx.random.key today
 
 
 @pytest.mark.real_model

@@ -203,7 +203,7 @@ def _sampling(body: dict[str, Any], limit_field: str, max_tokens: int, defaults:
         "max_tokens": _given(body.get(limit_field), max_tokens),
         "temperature": _given(body.get("temperature"), defaults.temperature),
         "top_p": _given(body.get("top_p"), defaults.top_p),
-        "seed": body.get("seed"),
+        "seed": _seed(body.get("seed")),
         "stop": () if stop is None else (stop,) if isinstance(stop, str) else tuple(stop),
     }
     try:
@@ -213,6 +213,16 @@ def _sampling(body: dict[str, Any], limit_field: str, max_tokens: int, defaults:
         param = limit_field if field == "max_tokens" else field
         message = str(e) if param == field or field is None else param + str(e)[len(field):]
         raise APIError(message, param=param) from None
+
+
+def _seed(seed: Any) -> Any:
+    """OpenAI's seed is a signed 64-bit integer, MLX's random key an unsigned one: map the
+    first onto the second (same seed, same answer). Other types go to SamplingParams' check."""
+    if isinstance(seed, int) and not isinstance(seed, bool):
+        if not -(2**63) <= seed < 2**64:
+            raise APIError(f"seed must be a 64-bit integer, got {seed}", param="seed")
+        return seed % 2**64
+    return seed
 
 
 def _given(value: Any, default: Any) -> Any:
