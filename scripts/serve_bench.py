@@ -63,10 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         capacity = [row for tokens in args.capacity_tokens
                     for row in capacity_rows(model_dir, tokens, budget, EXTRA_CAPACITY)]
         say(text_table(capacity, [c for c, _ in CAPACITY_COLUMNS], [h for _, h in CAPACITY_COLUMNS]))
-        rows, warm, summary, goals = [], {}, [], {}
+        rows, warm, summary, goals, failures = [], {}, [], {}, []
         if not args.skip_throughput:
             specs = server_specs(model_dir, args.max_batch, MLXKV_CONFIGS, MLX_LM_SERVERS)
-            rows, warm = run_sweep(specs, args.clients, args.repeats, args.max_tokens, work / "logs", say)
+            rows, warm, failures = run_sweep(specs, args.clients, args.repeats, args.max_tokens, work / "logs", say)
             summary = summarize(rows)
             goals = targets(summary)
             say(text_table(summary, [c for c, _ in COLUMNS], [h for _, h in COLUMNS]))
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
 
     metadata = run_metadata(["python", "scripts/serve_bench.py", *sys.argv[1:]], model_dir=str(model_dir),
                             max_tokens=args.max_tokens, repeats=args.repeats, warm_up_answers=warm,
-                            targets=goals, capacity=capacity, versions=versions())
+                            targets=goals, failures=failures, capacity=capacity, versions=versions())
     if args.json:
         write_json(args.json, [asdict(r) for r in rows] + [{"summary": s} for s in summary], metadata)
     if args.markdown:

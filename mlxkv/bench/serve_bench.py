@@ -38,10 +38,12 @@ class Row:
 
 
 def run_sweep(specs: Sequence[ServerSpec], clients: Sequence[int], repeats: int, max_tokens: int, logs: Path,
-              say: Callable[[str], None] = print) -> tuple[list[Row], dict[str, str]]:
-    """Rows for every (repeat, clients, server), and each server's answer to one warm-up prompt."""
+              say: Callable[[str], None] = print) -> tuple[list[Row], dict[str, str], list[str]]:
+    """Rows for every (repeat, clients, server), each server's answer to one warm-up prompt,
+    and the rounds that failed (reported, not fatal)."""
     rows: list[Row] = []
     warm: dict[str, str] = {}
+    failures: list[str] = []
     with contextlib.ExitStack() as stack:
         servers = []
         for spec in specs:
@@ -56,14 +58,19 @@ def run_sweep(specs: Sequence[ServerSpec], clients: Sequence[int], repeats: int,
             for n in clients:
                 order = servers[repeat % len(servers):] + servers[:repeat % len(servers)]
                 for server in order:
-                    result = run_round(server.url, server.spec.model, n, max_tokens, round_=repeat * 100 + n)
+                    try:
+                        result = run_round(server.url, server.spec.model, n, max_tokens, round_=repeat * 100 + n)
+                    except RuntimeError as e:
+                        failures.append(f"repeat {repeat + 1}, {n} clients, {server.spec.label}: {e}")
+                        say(failures[-1])
+                        continue
                     row = Row(server.spec.label, n, repeat, result.aggregate_tps, result.ttft, result.stream_tps,
                               result.tokens, result.wall_s)
                     rows.append(row)
                     say(f"repeat {repeat + 1}/{repeats}, {n:2d} clients, {row.server:28s} "
                         f"{row.aggregate_tps:6.1f} tok/s aggregate, ttft {row.ttft_s:5.2f} s, "
                         f"{row.stream_tps:5.1f} tok/s per stream")
-    return rows, warm
+    return rows, warm, failures
 
 
 def _warm_up(server: RunningServer) -> str:

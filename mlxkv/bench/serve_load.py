@@ -78,7 +78,9 @@ def run_round(base_url: str, model: str, clients: int, max_tokens: int, round_: 
     results: list[Stream | BaseException | None] = [None] * clients
 
     def one(i: int) -> None:
-        client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=timeout)
+        # the official client's default retries: mlx_lm.server listens with a backlog of 5, so
+        # 16 clients connecting at once can be refused a connection on a loaded machine
+        client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=2, timeout=timeout)
         try:
             barrier.wait(timeout)
             sent = time.perf_counter()

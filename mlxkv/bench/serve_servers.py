@@ -103,7 +103,7 @@ class RunningServer:
             if self.process.poll() is not None:
                 raise UserError(f"{self.spec.label} exited with {self.process.returncode}; see {self.log.name}")
             try:
-                with urllib.request.urlopen(self.url + "/models", timeout=5) as response:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=5) as response:
                     if response.status == 200:
                         return
             except OSError:
