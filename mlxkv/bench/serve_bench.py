@@ -144,14 +144,18 @@ def plot(summary: Sequence[dict[str, Any]], capacity: Sequence[dict[str, Any]], 
     axes[0].legend(fontsize=8)
     if capacity:
         ax = axes[3]
-        labels = [f"{c['config']}\n({c['dtype']})" for c in capacity]
-        bars = ax.bar(range(len(capacity)), [c["sessions"] for c in capacity],
-                      color=["tab:gray" if c["dtype"] == "float32" else "tab:blue" for c in capacity])
-        ax.bar_label(bars, fontsize=8)
-        ax.set_xticks(range(len(capacity)), labels, fontsize=7, rotation=30, ha="right")
+        configs = list(dict.fromkeys(c["config"] for c in capacity))
+        for offset, (dtype, color, text) in enumerate((("float16", "tab:blue", "16-bit weights (a Mac)"),
+                                                       ("float32", "tab:gray", "float32 weights (here)"))):
+            mine = {c["config"]: c["sessions"] for c in capacity if c["dtype"] == dtype}
+            xs = [i + (offset - 0.5) * 0.4 for i in range(len(configs))]
+            bars = ax.bar(xs, [mine.get(c, 0) for c in configs], width=0.4, color=color, label=text)
+            ax.bar_label(bars, fontsize=7)
+        ax.set_xticks(range(len(configs)), configs, fontsize=7)
+        ax.set_ylabel("concurrent sessions admitted")
+        ax.legend(fontsize=8)
         first = capacity[0]
-        ax.set_title(f"sessions admitted: {first['tokens']:,} tokens each, "
-                     f"{first['budget'] / 2**30:.0f} GiB KV budget", fontsize=9)
+        ax.set_title(f"{first['tokens']:,} tokens each, {first['budget'] / 2**30:.0f} GiB KV budget", fontsize=9)
     fig.suptitle(title, fontsize=10)
     save_figure(fig, path)
 
