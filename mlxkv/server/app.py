@@ -68,6 +68,7 @@ def create_app(engine: Engine, served: ServedModel, defaults: Defaults = Default
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        _clear_streams_when_done(engine)
         engine.start()
         try:
             yield
@@ -88,6 +89,23 @@ def create_app(engine: Engine, served: ServedModel, defaults: Defaults = Default
     )
     app.state.mlxkv = state
     return app
+
+
+def _clear_streams_when_done(engine: Engine) -> None:
+    """MLX needs ``mx.clear_streams()`` at the end of every thread that used it, or the process
+    can abort at exit ("terminate called without an active exception", 1 exit in 10-20 here):
+    wrap the engine's thread body so its streams go with it. An adapter until the engine does it."""
+    import mlx.core as mx
+
+    body = engine._loop
+
+    def loop_then_clear() -> None:
+        try:
+            body()
+        finally:
+            mx.clear_streams()
+
+    engine._loop = loop_then_clear
 
 
 def _state(request: HTTPRequest) -> ServerState:
