@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import textwrap
 
 from mlxkv.cli.common import add_model_argument, load_model, note, tokens_arg
 from mlxkv.cli.kv_args import add_kv_arguments, kv_epilog, request_from_args
@@ -23,10 +24,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve",
         help="an OpenAI-compatible HTTP server: many conversations at once on quantized KV caches",
-        description="Serve /v1/chat/completions, /v1/completions, /v1/models, /health and /metrics. Requests "
-                    "are decoded together (continuous batching); a request is admitted when its KV cache "
-                    "(prompt + max_tokens) fits --kv-memory, waits while it does not fit yet (up to "
-                    "--max-queue waiting, then 429), and is refused with 400 when it never can.",
+        description=textwrap.fill(
+            "Serve /v1/chat/completions, /v1/completions, /v1/models, /health and /metrics. Requests "
+            "are decoded together (continuous batching); a request is admitted when its KV cache "
+            "(prompt + max_tokens) fits --kv-memory, waits while it does not fit yet (up to "
+            "--max-queue waiting, then 429), and is refused with 400 when it never can.", 80),
         epilog="Example: mlxkv serve --kv-bits 4 --kv-memory 4GB --port 8080\n"
                "         curl localhost:8080/v1/chat/completions -H 'Content-Type: application/json' "
                "-d '{\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}]}'\n\n" + kv_epilog(),
@@ -116,8 +118,9 @@ def run(args: argparse.Namespace) -> int:
     _require_serve_extra()
     from mlxkv.cli.common import sampling_from_args
     from mlxkv.engine import Engine
-    from mlxkv.server import Defaults, ServedModel, Server, bind, create_app
+    from mlxkv.server import Defaults, Server, bind, create_app
     from mlxkv.server.budget import server_budgets
+    from mlxkv.units import format_bytes
 
     if args.kv_bits == AUTO:
         raise UserError("--kv-bits auto picks a configuration for one prompt; for a server pass --kv-bits N "
@@ -140,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
 
     one = engine.reservation(2048)
     note(f"KV cache: {config.describe()}; {budgets.note}")
-    note(f"admission: a 2,048-token conversation reserves {_size_text(one)}, so about {budgets.kv // one:,} "
+    note(f"admission: a 2,048-token conversation reserves {format_bytes(one)}, so about {budgets.kv // one:,} "
          f"fit at once (batch of at most {args.max_batch}, {'batched' if engine.rows.shares_slots else 'one by one'})")
     host, port = server.address
     note(f"serving '{served.name}' on http://{_url_host(host)}:{port}/v1 (Ctrl-C to stop)")
@@ -158,12 +161,6 @@ def served_model(name: str | None, model_id: str, context: int | None):
 
     short = Path(model_id).name if Path(model_id).expanduser().exists() else model_id
     return ServedModel(name or short, tuple({short, model_id} - {name or short}), context)
-
-
-def _size_text(n: int) -> str:
-    from mlxkv.units import format_bytes
-
-    return format_bytes(n)
 
 
 def _url_host(host: str) -> str:
