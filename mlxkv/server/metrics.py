@@ -11,7 +11,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from mlxkv.engine import EngineMetrics, Request
-from mlxkv.units import format_bytes
 
 PREFIX = "mlxkv_"
 
@@ -94,9 +93,3 @@ def request_line(request: Request, cause: str | None = None) -> str:
         reason += f" ({cause})"
     return (f"{request.id}: prompt {usage.prompt_tokens} tokens{cached}, completion {usage.completion_tokens}, "
             f"ttft {ttft}, {decode}, finish {reason}")
-
-
-def budget_line(engine: EngineMetrics) -> str:
-    """'KV 12.0 MB in use, 40.0 MB reserved of 1.00 GB' for the startup and shutdown notes."""
-    budget = format_bytes(engine.kv_budget) if engine.kv_budget is not None else "no limit"
-    return f"KV {format_bytes(engine.kv_bytes)} in use, {format_bytes(engine.kv_reserved)} reserved of {budget}"
