@@ -13,7 +13,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 
 if [ "$(uname -s)" = Linux ]; then
-  extras="cpu,dev,plot"
+  extras="cpu,dev,plot,serve"
   # MLX's Linux wheel bundles a reference BLAS (~3 GFLOP/s); OpenBLAS makes float32 matmul ~40x faster.
   # The paths are the ones mlxkv/device.py preloads. When none is there, root installs it once; anyone
   # else gets the hint once (the stamp in .venv); later runs only look for the library.
@@ -37,7 +37,7 @@ if [ "$(uname -s)" = Linux ]; then
     fi
   fi
 else
-  extras="dev,plot"
+  extras="dev,plot,serve"
 fi
 
 stamp=".venv/.mlxkv-installed-$(cksum pyproject.toml | cut -d' ' -f1)"

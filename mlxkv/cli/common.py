@@ -6,6 +6,7 @@ import argparse
 import sys
 from typing import Any
 
+from mlxkv.engine.prompts import encode_chat, messages_for  # noqa: F401  (the CLI's names)
 from mlxkv.errors import UserError
 
 from mlxkv.loading.models import MODEL_HELP
@@ -137,19 +138,6 @@ def sampling_from_args(args: argparse.Namespace):
         for field, flag in names.items():
             text = text.replace(f"{field} ", f"{flag} ", 1) if text.startswith(field) else text
         raise UserError(text) from None
-
-
-def encode_chat(tokenizer: Any, messages: list[dict[str, str]], chat_template: bool = True) -> list[int]:
-    """Token ids for a conversation, through the model's chat template when it has one (raw
-    text otherwise), ready for the assistant's answer."""
-    if chat_template and getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) else ids)
-    return list(tokenizer.encode("\n\n".join(m["content"] for m in messages)))
-
-
-def messages_for(prompt: str, system: str | None) -> list[dict[str, str]]:
-    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
 
 
 def check_context(model: Any, prompt_tokens: int, max_tokens: int) -> None:

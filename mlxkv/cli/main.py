@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "bench": "bench",
     "eval": "eval",
     "convert": "convert",
+    "serve": "serve",
 }
 
 

@@ -23,6 +23,7 @@ import mlx.nn as nn
 from mlxkv.caches.factory import make_kv_cache
 from mlxkv.config import KVConfig
 from mlxkv.engine.prefix_cache import PrefixCache
+from mlxkv.engine.prompts import encode_chat, messages_for
 from mlxkv.engine.requests import Request, RequestError
 from mlxkv.engine.rows import Rows, rows_for
 from mlxkv.engine.sampling import SamplingParams
@@ -185,12 +186,24 @@ class Engine:
         if gone:
             self._leave(gone, "cancelled")
 
-    def _fits(self, need: int) -> bool:
+    def _fits(self, need: int, reserved: list[int] | None = None) -> bool:
+        """Whether one more sequence reserving ``need`` bytes fits beside ``reserved`` (the active ones)."""
+        reserved = self.reserved if reserved is None else reserved
         if self.kv_budget is None:
             return True
-        if self.rows.shares_slots:
-            return (len(self.active) + 1) * max([need, *self.reserved]) <= self.kv_budget
-        return sum(self.reserved) + need <= self.kv_budget
+        if self.rows.shares_slots:  # a packed batch: every row takes the widest row's slots
+            return (len(reserved) + 1) * max([need, *reserved]) <= self.kv_budget
+        return sum(reserved) + need <= self.kv_budget
+
+    def admits(self, tokens: int, limit: int = 10_000) -> int:
+        """How many sequences of ``tokens`` tokens (prompt + max_tokens) the KV budget admits
+        together, by the rule admission applies (the batch size aside; at most ``limit``)."""
+        need, reserved = self.reservation(tokens), []
+        if self.kv_budget is not None and need > self.kv_budget:
+            return 0
+        while len(reserved) < limit and self._fits(need, reserved):
+            reserved.append(need)
+        return len(reserved)
 
     def _admit(self) -> None:
         with self._lock:
@@ -267,9 +280,10 @@ class Engine:
         self.reserved = [n for i, n in enumerate(self.reserved) if i not in set(rows)]
 
     def _retire(self, request: Request, cache: list[Any], tokens: list[int]) -> None:
+        """A finished (or cancelled) sequence's cache holds ``tokens``: keep it for a next turn
+        that starts with them (a shared system prompt survives a client that hung up)."""
         self._finished += 1
-        if not request.cancelled:
-            self.prefixes.put(tokens, cache)
+        self.prefixes.put(tokens, cache)
 
     def _count(self, seconds: float, tokens: int) -> None:
         now = time.perf_counter()
@@ -301,11 +315,7 @@ def generate_batch(model: nn.Module, tokenizer: Any, prompts: Sequence[str | Seq
     from mlxkv.caches.factory import resolve_config
 
     def encode(prompt: str | Sequence[int]) -> list[int]:
-        if not isinstance(prompt, str):
-            return list(prompt)
-        if chat_template and getattr(tokenizer, "chat_template", None):
-            return list(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True))
-        return list(tokenizer.encode(prompt))
+        return encode_chat(tokenizer, messages_for(prompt), chat_template) if isinstance(prompt, str) else list(prompt)
 
     engine = Engine(model, tokenizer, resolve_config(config), max_batch=max_batch, max_queue=len(prompts))
     return [r.text for r in engine.generate([encode(p) for p in prompts], params)]

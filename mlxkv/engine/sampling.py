@@ -91,7 +91,7 @@ class RowSampler:
     def __init__(self, params: SamplingParams) -> None:
         self.params = params
         seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(4), "little")
-        self.key = mx.random.key(seed)
+        self.key = mx.random.key(seed % 2**64)  # OpenAI's seeds are int64; MLX keys take 0..2**64-1
 
     def __call__(self, logprobs: mx.array) -> mx.array:
         """log-probabilities [vocab] -> a token id (scalar array, lazy)."""
