@@ -17,10 +17,11 @@ visible key arrives, as one softmax over every segment would.
 
 H2O's observer needs each key's final weight ``exp(s - m) / l`` summed over batch, heads
 and queries, which depends on the final ``m`` and ``l``. With an observer the blocks are
-visited twice: the first pass finds ``m`` and ``l`` (scores only), the second normalizes
-each block's scores, hands their column sums to the observer and multiplies them with the
-values. The second pass computes the scores again, unless all of them fit one block (a
-decode step), when the first pass keeps them. Without an observer one pass does it all.
+visited twice: the first pass finds ``m`` and ``l`` (scores only), the second computes
+each block's scores again, normalizes them, hands their column sums to the observer and
+multiplies them with the values. Without an observer one pass does it all. (Views whose
+scores fit one block, decode steps among them, never come here: ``mlxkv.attention.sdpa``
+attends them in one shot.)
 """
 
 from __future__ import annotations
@@ -144,25 +145,18 @@ def online_attention(
 
     # First pass: the final maximum and sum of every row, from the scores alone.
     spans = _spans(segments, block)
-    keep = sum(end - start for _, start, end in spans) <= block  # all scores fit one block (decode)
-    kept = []
     for index, start, end in spans:
         s = _scores(_after(q, [l] if l is not None else []), segments[index], start, end, n_rep)
-        kept += [s] if keep else []
         m_new = s.max(axis=-1, keepdims=True) if m is None else mx.maximum(m, s.max(axis=-1, keepdims=True))
         total = mx.exp(s - m_new).sum(axis=-1, keepdims=True)
         l = total if l is None else l * mx.exp(m - m_new) + total
         m = m_new
-    # Second pass: the final weights, block by block (scores computed again unless kept),
-    # to the observer and onto the values.
+    # Second pass: the final weights, block by block, to the observer and onto the values.
     inv_l = 1.0 / l
     acc = column = None
     sums: list[list[mx.array]] = [[] for _ in segments]
-    for i, (index, start, end) in enumerate(spans):
-        if keep:
-            s = kept[i]
-        else:
-            s = _scores(_after(q, [m, inv_l] if acc is None else [acc, column]), segments[index], start, end, n_rep)
+    for index, start, end in spans:
+        s = _scores(_after(q, [m, inv_l] if acc is None else [acc, column]), segments[index], start, end, n_rep)
         p = mx.exp(s - m) * inv_l
         column = p.sum(axis=(0, 1, 2))
         sums[index].append(column)

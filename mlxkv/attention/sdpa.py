@@ -1,21 +1,25 @@
 """The one attention function for mlxkv caches: softmax(q k^T) v over packed segments.
 
 Scores and outputs are computed on each segment as stored (``mx.quantized_matmul`` on
-packed data), never on a dequantized copy of the cache; one softmax spans all segments,
-computed in key blocks with an online softmax (``mlxkv.attention.online``) so that a
-prompt chunk's scores never exist all at once. How many keys a block holds is the rule in
-``mlxkv.attention.blocks``.
+packed data), never on a dequantized copy of the cache; one softmax spans all segments.
+When every score fits one block (``mlxkv.attention.blocks``: a decode step, a short chunk)
+they are computed at once and normalized by one softmax; past that, in key blocks with an
+online softmax (``mlxkv.attention.online``), so that a prompt chunk's scores never exist
+all at once. Decode keeps the one-shot path because it is the faster of the two there:
+the same step through the online recurrence measured 0.95-1.02x on 4K-token caches, and
+H2O's observer would need the scores twice.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
 import mlx.core as mx
 
 from mlxkv.attention.blocks import fits_one_block
 from mlxkv.attention.online import online_attention
-from mlxkv.attention.view import KVView, Segment
+from mlxkv.attention.view import KVView, Mask, Segment
 from mlxkv.caches.storage import DenseStore
 
 
@@ -64,5 +68,54 @@ def _attend(
     # GQA: the query heads sharing a KV head become rows of one matrix, so each packed KV
     # head is read once per step rather than once per query head.
     q = (queries * scale).reshape(B, n_kv_heads, n_rep * L, D)
-    out = online_attention(q, segments, n_rep, sink_logits, observer)
+    if fits_one_block(B * n_q_heads * L, sum(seg.length for seg in segments)):
+        out = _one_shot(q, segments, n_rep, sink_logits, observer)
+    else:
+        out = online_attention(q, segments, n_rep, sink_logits, observer)
     return out.reshape(B, n_q_heads, L, -1).astype(queries.dtype)
+
+
+def _as_bool_mask(mask: Mask, q_len: int, k_len: int) -> mx.array | None:
+    if mask is None or isinstance(mask, mx.array):
+        return mask
+    if mask == "causal":
+        return mx.arange(k_len)[None, :] <= mx.arange(k_len - q_len, k_len)[:, None]
+    raise ValueError(f"unknown mask {mask!r}")
+
+
+def _one_shot(
+    q: mx.array, segments: list[Segment], n_rep: int, sink_logits: mx.array | None,
+    observer: Callable[[list[mx.array]], None] | None,
+) -> mx.array:
+    """Every score at once, one softmax: ``q`` [B, KV heads, n_rep*L, D], scaled."""
+    B, n_kv_heads, rows, _ = q.shape
+    L = rows // n_rep
+    scores = []
+    for seg in segments:
+        s = seg.key_store.matmul(q, seg.keys, transpose=True).reshape(B, n_kv_heads, n_rep, L, -1)
+        mask = _as_bool_mask(seg.mask, L, seg.length)
+        if mask is not None:
+            s = mx.where(mask, s, mx.finfo(s.dtype).min)
+        scores.append(s)
+    scores = mx.concatenate(scores, axis=-1) if len(scores) > 1 else scores[0]
+
+    if sink_logits is not None:
+        column = sink_logits.astype(scores.dtype).reshape(1, n_kv_heads, n_rep, 1, 1)
+        column = mx.broadcast_to(column, scores.shape[:-1] + (1,))
+        weights = mx.softmax(mx.concatenate([column, scores], axis=-1), axis=-1, precise=True)[..., 1:]
+    else:
+        weights = mx.softmax(scores, axis=-1, precise=True)
+    weights = weights.reshape(B, n_kv_heads, rows, -1)
+    if observer is not None:
+        totals = weights.astype(mx.float32).sum(axis=(0, 1, 2))
+        ends = list(itertools.accumulate(seg.length for seg in segments))
+        observer([totals[end - seg.length : end] for seg, end in zip(segments, ends)])
+
+    out = None
+    start = 0
+    for seg in segments:
+        w = weights[..., start : start + seg.length]
+        start += seg.length
+        part = seg.value_store.matmul(w, seg.values, transpose=False)
+        out = part if out is None else out + part
+    return out
