@@ -13,12 +13,11 @@ H2O's observer would need the scores twice.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
 
 import mlx.core as mx
 
 from mlxkv.attention.blocks import fits_one_block
-from mlxkv.attention.online import online_attention
+from mlxkv.attention.online import Observer, online_attention
 from mlxkv.attention.view import KVView, Mask, Segment
 from mlxkv.caches.storage import DenseStore
 
@@ -40,7 +39,7 @@ def attend(
     return _attend(queries, view.segments, scale, sinks, view.observer)
 
 
-def _fused(segments: list[Segment], observer, score_rows: int) -> bool:
+def _fused(segments: list[Segment], observer: Observer | None, score_rows: int) -> bool:
     """Whether MLX's fused kernel can take the whole view: one exact segment, no observer
     (the kernel does not expose its weights), and either a GPU, where the kernel works in
     tiles, or scores small enough to exist at once (on a CPU the kernel is composed of ops
@@ -55,7 +54,7 @@ def _fused(segments: list[Segment], observer, score_rows: int) -> bool:
 
 def _attend(
     queries: mx.array, segments: list[Segment], scale: float, sink_logits: mx.array | None,
-    observer: Callable[[list[mx.array]], None] | None = None,
+    observer: Observer | None = None,
 ) -> mx.array:
     B, n_q_heads, L, D = queries.shape
     if _fused(segments, observer, B * n_q_heads * L):
@@ -84,8 +83,7 @@ def _as_bool_mask(mask: Mask, q_len: int, k_len: int) -> mx.array | None:
 
 
 def _one_shot(
-    q: mx.array, segments: list[Segment], n_rep: int, sink_logits: mx.array | None,
-    observer: Callable[[list[mx.array]], None] | None,
+    q: mx.array, segments: list[Segment], n_rep: int, sink_logits: mx.array | None, observer: Observer | None,
 ) -> mx.array:
     """Every score at once, one softmax: ``q`` [B, KV heads, n_rep*L, D], scaled."""
     B, n_kv_heads, rows, _ = q.shape
