@@ -185,12 +185,14 @@ def _attention_peak(context: int, queries: int) -> int:
 
 def test_attention_transient_does_not_grow_with_the_context(monkeypatch):
     """With blocks, a chunk's transient is bounded by the block, not by chunk x context: at
-    4x the context it stays put, and far below the one-shot scores."""
+    4x the context it stays put (one-shot scores would grow 4x; how far MLX's encoder runs
+    ahead of the kernels moves the peak by up to ~10% from run to run), and far below the
+    one-shot scores."""
     monkeypatch.setattr(blocks, "SCORE_BLOCK_BYTES", 2**19)
     queries = 256
     short, long = _attention_peak(1024, queries), _attention_peak(4096, queries)
     one_shot_scores = N_Q * queries * 4096 * 4
-    assert long < 1.1 * short, (short, long)
+    assert long < 1.3 * short, (short, long)
     assert long < one_shot_scores / 3, (long, one_shot_scores)
 
 
