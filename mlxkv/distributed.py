@@ -285,3 +285,15 @@ def agreed_budget(memory: int | str | None) -> int | str | None:
     from mlxkv.memory.machine_memory import device_memory
 
     return min(row[0][0] for row in gather_ints([[device_memory(memory).recommended]]))
+
+
+def agreed_budgets(budgets: Any) -> Any:
+    """A server's budgets (``mlxkv.server.budget.Budgets``), the same on every rank: the smallest
+    machine's, so every rank's engine admits the same requests. In one process as given."""
+    if _group is None:
+        return budgets
+    import dataclasses
+
+    kv, prefix = (min(column) for column in zip(*(row[0] for row in gather_ints([[budgets.kv, budgets.prefix]]))))
+    return dataclasses.replace(budgets, kv=kv, prefix=prefix,
+                               note=budgets.note + f"; the smallest machine's, on every rank: KV budget {format_bytes(kv)}")

@@ -22,6 +22,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -377,3 +378,61 @@ if __name__ == "__main__" and len(sys.argv) > 2 and sys.argv[1] == "rank":
     rank_main(*sys.argv[2:])
 elif __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "measure":
     measure(sys.argv[2:])
+
+
+@pytest.mark.real_model
+def test_serve_over_three_ranks_answers_like_one_process(cut_model_dir):
+    """mlxkv serve under mlx.launch: rank 0 listens and announces each step; every rank runs it
+    (LockstepEngine). Concurrent greedy answers equal the one-process answers."""
+    import threading
+    import urllib.request
+
+    import mlxkv
+    from mlxkv.distributed import free_loopback_ports
+    from mlxkv.engine import SamplingParams, Session
+    from mlxkv.engine.prompts import encode_chat
+
+    questions = ["What is the capital of France?", "Name a color."]
+    model, tokenizer = mlxkv.load(str(cut_model_dir))
+    alone = []
+    for q in questions:
+        session = Session(model, tokenizer, mlxkv.KVConfig.from_name("q4-kivi-rot"))
+        messages = [{"role": "user", "content": q}]
+        alone.append("".join(t.text for t in session.generate(encode_chat(tokenizer, messages),
+                                                              SamplingParams(max_tokens=6))))
+    port = free_loopback_ports(1)
+    launcher = Path(sys.executable).with_name("mlx.launch")
+    proc = subprocess.Popen(
+        [str(launcher), "--backend", "ring", "-n", str(RANKS), "--hosts", "127.0.0.1", "--starting-port",
+         str(free_loopback_ports(RANKS)), "--", sys.executable, "-m", "mlxkv", "serve", "--model", str(cut_model_dir),
+         "--kv-bits", "4", "--port", str(port), "--kv-memory", "64MB", "--prompt-cache-bytes", "0"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(url + "/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.5)
+        answers: dict[int, str] = {}
+
+        def ask(i: int) -> None:
+            body = json.dumps({"messages": [{"role": "user", "content": questions[i]}], "max_tokens": 6}).encode()
+            request = urllib.request.Request(url + "/v1/chat/completions", body, {"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=LAUNCH_TIMEOUT) as response:
+                answers[i] = json.loads(response.read())["choices"][0]["message"]["content"]
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(questions))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(LAUNCH_TIMEOUT)
+        assert [answers.get(i) for i in range(len(questions))] == alone
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()

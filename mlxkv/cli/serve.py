@@ -7,7 +7,9 @@ import logging
 import sys
 import textwrap
 
-from mlxkv.cli.common import add_model_argument, load_model, note, tokens_arg
+from mlxkv.cli.common import (
+    add_distributed_arguments, add_model_argument, count_arg, load_model, note, size_arg, tokens_arg,
+)
 from mlxkv.cli.kv_args import add_kv_arguments, kv_epilog, request_from_args
 from mlxkv.config.request import AUTO
 from mlxkv.errors import UserError
@@ -43,12 +45,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     http.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                       help="info (default) logs a line per request; warning only problems")
     engine = p.add_argument_group("batching and memory")
-    engine.add_argument("--max-batch", type=_positive, default=DEFAULT_MAX_BATCH,
+    engine.add_argument("--max-batch", type=count_arg("--max-batch"), default=DEFAULT_MAX_BATCH,
                         help=f"sequences decoded together at most (default {DEFAULT_MAX_BATCH})")
-    engine.add_argument("--kv-memory", metavar="SIZE", type=_size,
+    engine.add_argument("--kv-memory", metavar="SIZE", type=size_arg,
                         help="KV cache budget for the sequences being decoded, e.g. 4GB (default: this machine's "
                              "recommended working set less the weights and the prefix cache)")
-    engine.add_argument("--max-queue", type=_non_negative, default=DEFAULT_MAX_QUEUE,
+    engine.add_argument("--max-queue", type=count_arg("--max-queue", 0), default=DEFAULT_MAX_QUEUE,
                         help=f"requests waiting for room before new ones get 429 (default {DEFAULT_MAX_QUEUE})")
     engine.add_argument("--prompt-cache-bytes", metavar="SIZE", type=_size_or_zero,
                         help="budget of the prefix cache: finished conversations' KV caches kept to reuse for the "
@@ -62,48 +64,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     sampling.add_argument("--temp", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
     sampling.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default 1: off)")
     add_kv_arguments(p, auto=False)
+    add_distributed_arguments(p)
     p.set_defaults(run=run)
 
 
 def _port(text: str) -> int:
-    value = _integer(text, "--port")
+    value = count_arg("--port", 0)(text)
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"--port must be in 0-65535, got {value}")
     return value
 
 
-def _positive(text: str) -> int:
-    value = _integer(text, "the value")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    value = _integer(text, "the value")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
-
-
-def _integer(text: str, what: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{what} must be a whole number, got {text!r}") from None
-
-
-def _size(text: str) -> int:
-    from mlxkv.units import parse_bytes
-
-    try:
-        return parse_bytes(text, "size")
-    except UserError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
 def _size_or_zero(text: str) -> int:
-    return 0 if text.strip() == "0" else _size(text)
+    return 0 if text.strip() == "0" else size_arg(text)
 
 
 def _require_serve_extra() -> None:
@@ -125,17 +98,35 @@ def run(args: argparse.Namespace) -> int:
     if args.kv_bits == AUTO:
         raise UserError("--kv-bits auto picks a configuration for one prompt; for a server pass --kv-bits N "
                         "or --kv-config SPEC")
+    from mlxkv import distributed
+
     kv_request = request_from_args(args)  # everything that can be checked is checked before loading
     args.seed = None
     defaults = sampling_from_args(args)  # the same rules (and messages) as generate's flags
-    sock = bind(args.host, args.port)
+    distributed.start()  # under mlx.launch only rank 0 listens
+    sock = bind(args.host, args.port) if distributed.is_main() else None
 
     model, tokenizer, model_id = load_model(args)
+    sharding = distributed.setup(model, args)
     config = kv_request.resolve(model, note=note)
-    budgets = server_budgets(model, args.kv_memory, args.prompt_cache_bytes)
-    engine = Engine(model, tokenizer, config, max_batch=args.max_batch, kv_budget=budgets.kv,
-                    max_queue=args.max_queue, prefix_cache_bytes=budgets.prefix,
-                    prefill_step_size=args.prefill_step_size)
+    if sharding.active:
+        distributed.check_config(sharding, config)
+    budgets = distributed.agreed_budgets(server_budgets(model, args.kv_memory, args.prompt_cache_bytes))
+    settings = dict(max_batch=args.max_batch, kv_budget=budgets.kv, max_queue=args.max_queue,
+                    prefix_cache_bytes=budgets.prefix, prefill_step_size=args.prefill_step_size)
+    if sharding.active:
+        from mlxkv.engine.lockstep import LockstepEngine
+
+        engine = LockstepEngine(model, tokenizer, config, group=sharding.group, **settings)
+        note(sharding.describe())
+        if not sharding.main:
+            import signal
+
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches every rank: rank 0 ends them all
+            engine.follow()  # steps as rank 0 announces, until it stops
+            return 0
+    else:
+        engine = Engine(model, tokenizer, config, **settings)
     served = served_model(args.served_model_name, model_id, engine.context_limit)
     app = create_app(engine, served, Defaults(defaults.max_tokens, defaults.temperature, defaults.top_p))
     server = Server(app, sock, log_level="warning" if args.log_level == "info" else args.log_level)

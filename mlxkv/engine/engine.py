@@ -90,6 +90,16 @@ class Engine:
                notify: Callable[[], None] | None = None, request_id: str | None = None) -> Request:
         """Queue a request (token ids). RequestError 400 when it can never be served, 429 when
         the queue is full."""
+        request = self.new_request(prompt, params, notify, request_id)
+        with self._lock:
+            self._check_room(len(self.waiting))
+            self.waiting.append(request)
+            self._lock.notify()
+        return request
+
+    def new_request(self, prompt: Sequence[int], params: SamplingParams = SamplingParams(),
+                    notify: Callable[[], None] | None = None, request_id: str | None = None) -> Request:
+        """A checked request, not queued yet: RequestError 400 when it can never be served."""
         if not prompt:
             raise RequestError("the prompt is empty")
         total = len(prompt) + params.max_tokens
@@ -103,14 +113,12 @@ class Engine:
             raise RequestError(
                 f"the request's KV cache ({format_bytes(need)} for {total:,} tokens) exceeds the server's KV budget "
                 f"of {format_bytes(self.kv_budget)}: shorten it or lower max_tokens", code="kv_budget_exceeded")
-        request = Request(prompt, params, self.tokenizer, notify, request_id)
-        with self._lock:
-            if len(self.waiting) >= self.max_queue:
-                raise RequestError(f"the server is busy ({len(self.waiting)} requests waiting); retry later",
-                                   status=429, code="queue_full")
-            self.waiting.append(request)
-            self._lock.notify()
-        return request
+        return Request(prompt, params, self.tokenizer, notify, request_id)
+
+    def _check_room(self, waiting: int) -> None:
+        if waiting >= self.max_queue:
+            raise RequestError(f"the server is busy ({waiting} requests waiting); retry later",
+                               status=429, code="queue_full")
 
     def reservation(self, tokens: int) -> int:
         """KV bytes a sequence of ``tokens`` tokens takes: the planner's count of the caches' own book."""

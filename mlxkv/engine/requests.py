@@ -60,6 +60,7 @@ class Request:
         self.finish_reason: str | None = None
         self.error: str | None = None
         self.cancelled = False
+        self.on_cancel: Callable[[Request], None] | None = None
         self.text = ""
         # generation state, touched by the engine thread only
         self.generated: list[int] = []
@@ -69,7 +70,10 @@ class Request:
 
     def cancel(self) -> None:
         """Stop generating (a client that went away): the engine frees the sequence at its next step."""
-        self.cancelled = True
+        if self.on_cancel is not None:  # engines that step together on several ranks decide it together
+            self.on_cancel(self)
+        else:
+            self.cancelled = True
 
     @property
     def done(self) -> bool:
