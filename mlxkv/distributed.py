@@ -33,7 +33,7 @@ H2O_CAVEAT = ("H2O ranks tokens by the attention of the heads a cache holds; und
 
 PIPELINE_HELP = ("under mlx.launch, give each rank whole layers (pipeline parallel) instead of a share of "
                  "every layer's heads (tensor parallel, the default); only for models mlx-lm can pipeline "
-                 "(e.g. Qwen2/3-MoE, DeepSeek; not Llama/SmolLM2), with mlx-lm's caches (--kv-config mlxlm-*)")
+                 "(e.g. Qwen2/3-MoE, DeepSeek; not Llama/SmolLM2)")
 
 QUIET_EXIT_WAIT = 20.0
 _group: Any = None  # the group start() found; None in one process
@@ -185,13 +185,10 @@ def setup(model: nn.Module, args: Any = None) -> Sharding:
 
 
 def check_config(sharding: Sharding, config: Any) -> None:
-    """UserError for a KV config the sharding cannot run: mlx-lm's pipelined models tie each
-    stage's send to its last cache with ``cache[-1].keys = mx.depends(...)`` (a prefill evaluates
-    only the caches), and mlxkv's caches have no ``keys`` array to carry it."""
-    if sharding.mode == PIPELINE and getattr(config, "backend", None) != "mlx-lm":
-        raise UserError("--pipeline runs with mlx-lm's caches only (--kv-config mlxlm-fp16, mlxlm-q8 or mlxlm-q4): "
-                        "mlx-lm's pipelined models reach into the last cache's .keys, which mlxkv's caches do not "
-                        "have; drop --pipeline to split the heads over the ranks (tensor parallel)")
+    """UserError for a KV config the sharding cannot run. A pipeline splits layers, not heads,
+    so every KV config runs on it (mlxkv's caches carry the stage's send on their ``keys``
+    anchor); H2O under tensor parallelism scores each rank's own heads (see H2O_CAVEAT)."""
+    return None
 
 
 def _model_name(model: nn.Module) -> str:

@@ -228,22 +228,16 @@ def test_tiny_model_over_three_ranks_matches_one_process(tmp_path):
     print(f"against one process: {measured}")
 
 
-def test_pipeline_over_two_ranks_with_mlx_lm_caches(tmp_path):
-    """--pipeline: each of 2 ranks runs one of the 2 layers; mlx-lm's caches (mlxkv's have no .keys
-    for the pipelined models to tie their sends to: a one-line error says so)."""
-    from mlxkv import distributed
-    from mlxkv.config.spec import parse_spec
-    from mlxkv.errors import UserError
-
-    configs = ("mlxlm-fp16", "mlxlm-q8")
+def test_pipeline_over_two_ranks(tmp_path):
+    """--pipeline: each of 2 ranks runs one of the 2 layers, with mlxkv's caches (whose ``keys``
+    anchor carries the stage's send, as mlx-lm's pipelined models expect) and mlx-lm's."""
+    configs = ("fp16", "q8", "q4-kivi-rot", "mlxlm-fp16", "mlxlm-q8")
     job = {"model": "tiny", "arch": "qwen2", "shape": {"hidden_size": 256, "tie_word_embeddings": False},
            "pipeline": True, "configs": configs, "steps": 6, "chunk": 48}
     summaries, log_probs = launch_ranks(tmp_path, job, ranks=2)
     reference = run_job(*load_job_model(job), job)
     check_against_one_process(reference, summaries, log_probs, configs, exact=configs)
     assert [len(s["layout"]) for s in summaries] == [1, 1]  # one layer each, with all its heads
-    with pytest.raises(UserError, match="--pipeline runs with mlx-lm's caches only"):
-        distributed.check_config(distributed.Sharding(size=2, mode=distributed.PIPELINE), parse_spec("q4"))
 
 
 def test_the_sizes_a_model_splits_into():

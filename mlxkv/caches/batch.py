@@ -127,7 +127,7 @@ class BatchCache:
         book = _copy_book_of(self.books[row])
         cache = ComposedCache.__new__(ComposedCache)
         cache.config, cache.policy, cache.book = self.config, book.policy, book
-        cache.tier_dtype, cache.dtype = self.tier_dtype, self.dtype
+        cache.tier_dtype, cache.dtype, cache.anchor = self.tier_dtype, self.dtype, None
         cache.key_store, cache.value_store = stage_stores(self.config, 0, book.policy.capacity)
         rows = slice(row, row + 1)
         for store, mine in ((cache.key_store, self.key_store), (cache.value_store, self.value_store)):

@@ -62,7 +62,20 @@ class ComposedCache:
         self.sink_values: mx.array | None = None
         self.tier_dtype = mx.float16  # of the 16-bit tiers; set from the first chunk
         self.dtype = mx.float32  # what keys and values arrive in (the model's compute dtype)
+        self.anchor: mx.array | None = None  # see ``keys``
         self.key_store, self.value_store = self._make_stores()
+
+    # -- mlx-lm's pipelined models ----------------------------------------------------------------
+    @property
+    def keys(self) -> mx.array:
+        """An anchor, not the keys: mlx-lm's pipelined models tie each stage's send to the last
+        cache with ``cache[-1].keys = mx.depends(cache[-1].keys, h)``, since a prefill evaluates
+        only the caches' state. The anchor is part of ``state``, so the send runs with it."""
+        return self.anchor if self.anchor is not None else mx.zeros((0,), dtype=mx.float32)
+
+    @keys.setter
+    def keys(self, value: mx.array) -> None:
+        self.anchor = value
 
     # -- the book's numbers, read-only ---------------------------------------------------------
     @property
@@ -289,6 +302,7 @@ class ComposedCache:
             "recent_keys": self.recent_keys, "recent_values": self.recent_values,
             "sink_keys": self.sink_keys, "sink_values": self.sink_values,
             **self.policy.state(),
+            **({"pipeline_anchor": self.anchor} if self.anchor is not None else {}),
         }
 
     @state.setter
@@ -311,6 +325,7 @@ class ComposedCache:
         tiers = [t for t in (self.recent_keys, self.sink_keys) if t is not None]
         self.tier_dtype = tiers[0].dtype if tiers else mx.float16
         self.dtype = getattr(mx, meta.get("dtype", "float32"))
+        self.anchor = None
         self.policy.load_state(state)
 
     @classmethod
