@@ -149,3 +149,20 @@ def test_config_the_model_cannot_hold_fails_before_running(monkeypatch, capsys):
     monkeypatch.setattr(mlxkv, "load", lambda name=None, **kw: (model, ByteTokenizer()))
     assert main(["eval", "kld", "--tokens", "20", "--configs", "fp16,q4"]) == 2
     assert "does not divide the model's head_dim 16" in capsys.readouterr().err
+
+
+def test_kld_contexts_scores_windows_and_plots_against_length(tiny_cli, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    out, png = tmp_path / "long.json", tmp_path / "long.png"
+    assert tiny_cli("kld", "--contexts", "40,80", "--window", "8", "--chunk", "4", "--prefill-chunk", "16",
+                    "--configs", "fp16,q4", "--json", str(out), "--plot", str(png)) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["context"], r["config"]) for r in rows] == [(40, "fp16"), (40, "q4"), (80, "fp16"), (80, "q4")]
+    assert all(r["positions"] == 8 for r in rows)
+    assert png.stat().st_size > 0
+
+
+def test_kld_contexts_with_overlapping_windows_is_one_line(no_model, capsys):
+    assert main(["eval", "kld", "--contexts", "40,44", "--window", "8"]) == 2
+    err = capsys.readouterr().err
+    assert "window" in err and "Traceback" not in err

@@ -104,7 +104,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help=f"tokens per forward pass (default {KLD_CHUNK}). A chunk attends to itself exactly in mlxkv's "
                         "caches, which hides part of the loss of configs without a residual window; 1 is "
                         "exactly what generation sees (slower)")
-    k.add_argument("--plot", metavar="FILE.png", help="plot KLD against bits per element to FILE (needs matplotlib)")
+    k.add_argument("--plot", metavar="FILE.png", help="plot KLD against bits per element to FILE (needs matplotlib; "
+                   "with --contexts, KLD against context length)")
+    from mlxkv.cli.eval_windows import add_window_arguments
+
+    add_window_arguments(k)
     k.set_defaults(run=run_kld)
 
     pk = tests.add_parser(
@@ -209,6 +213,14 @@ def _advance(bar) -> Callable[[str], None]:
     return advance
 
 
+def _advance_tokens(bar) -> Callable[[str, int], None]:
+    def advance(label: str, n: int) -> None:
+        bar.set_postfix_str(label, refresh=False)
+        bar.update(n)
+
+    return advance
+
+
 def _render(title: str, about: Sequence[str], table: str, notes: str, metadata: dict[str, Any],
             markdown: bool) -> str:
     m = metadata["machine"]
@@ -242,6 +254,10 @@ def _write_outputs(args: argparse.Namespace, rows, metadata, render: Callable[[b
 
 # -- kld ------------------------------------------------------------------------------------
 def run_kld(args: argparse.Namespace) -> int:
+    if args.contexts:
+        from mlxkv.cli.eval_windows import run_kld_windows
+
+        return run_kld_windows(args)
     from mlxkv.eval.corpus import corpus_tokens, load_corpus
     from mlxkv.eval.kld import chunks_per_run, evaluate_kld
     from mlxkv.report import markdown_table, progress, run_metadata, text_table

@@ -128,3 +128,36 @@ def plot_layers(rows: Sequence[dict[str, Any]], path: str | os.PathLike, title: 
     if title:
         ax.set_title(title, fontsize="medium")
     save_figure(fig, path)
+
+
+def plot_kld_context(rows: Sequence[dict[str, Any]], path: str | os.PathLike, title: str = "") -> None:
+    """One line per config: KL divergence (log scale) against the context length (log 2
+    scale) at which its window was scored, from ``evaluate_windows`` rows; each point
+    labelled with the config's bits per element there."""
+    plt = require_pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    configs = list(dict.fromkeys(r["config"] for r in rows))
+    exact = [c for c in configs if not all(r["kld"] > 0 for r in rows if r["config"] == c)]
+    for config in (c for c in configs if c not in exact):
+        points = sorted((r for r in rows if r["config"] == config), key=lambda r: r["context"])
+        xs, ys = [r["context"] for r in points], [r["kld"] for r in points]
+        line, = ax.plot(xs, ys, "o-", label=config)
+        for r in points:
+            if r.get("bits_per_element") is not None:
+                ax.annotate(f"{r['bits_per_element']:.2f}b", (r["context"], r["kld"]), textcoords="offset points",
+                            xytext=(5, 3), fontsize="x-small", color=line.get_color())
+    ax.set_xscale("log", base=2)
+    contexts = sorted({r["context"] for r in rows})
+    ax.set_xticks(contexts, [f"{c // 1024}K" if c % 1024 == 0 else str(c) for c in contexts])
+    ax.set_yscale("log")
+    ax.set_xlabel("context length (tokens before the scored window's end)")
+    ax.set_ylabel("mean KL divergence from the full-precision cache (nats)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize="small")
+    ax.margins(x=0.15)
+    if exact:
+        title = f"{title}\n(KLD 0, not shown: {', '.join(exact)})" if title else f"KLD 0, not shown: {', '.join(exact)}"
+    if title:
+        ax.set_title(title, fontsize="medium")
+    fig.tight_layout()
+    save_figure(fig, path)
