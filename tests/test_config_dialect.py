@@ -107,8 +107,9 @@ def test_window_bits_reach_the_models_own_window_layers_only():
         model(tokens, cache=cache)
         return [c.nbytes for c in cache]
 
-    mixed = layer_bytes(KVConfig.from_name("q4-kivi-rot", window_bits=16))
-    full, packed = layer_bytes(KVConfig()), layer_bytes(KVConfig.from_name("q4-kivi-rot"))
+    mixed = layer_bytes(KVConfig.from_name("q4-kivi-rot"))  # the default: window layers 16-bit
+    full, packed = layer_bytes(KVConfig()), layer_bytes(KVConfig.from_name("q4-kivi-rot:window_bits=same"))
+    assert layer_bytes(KVConfig.from_name("q4-kivi-rot", window_bits=16)) == mixed
     sliding = [type(c).__name__ == "RotatingKVCache" for c in model.make_cache()]
     assert any(sliding) and not all(sliding)
     assert mixed == [f if s else p for f, p, s in zip(full, packed, sliding)]

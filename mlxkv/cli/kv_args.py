@@ -38,8 +38,9 @@ FIELD_FLAGS: tuple[tuple[tuple[str, ...], str, str], ...] = (
                                      "e.g. '1k:8,4k:4'"),
     (("--kv-bits-map",), "layer_bits", "per-layer bits, e.g. '0:8,-1:8' (negative layers count from the end; "
                                        "16 = full precision)"),
-    (("--kv-window-bits",), "window_bits", "bits of the model's own sliding-window layers (Gemma 3's local layers; "
-                                           "16 = full precision, as mlx-lm keeps them)"),
+    (("--kv-window-bits",), "window_bits", "bits of the model's own sliding-window layers (Gemma 3's local layers): "
+                                           "16 = full precision, as mlx-lm keeps them (default: measured best for "
+                                           "the bytes, QUALITY.md); 2-8; 'same' = like the other layers"),
 )
 BOOL_FLAGS = (
     ("--kv-rotate", "rotate", "Hadamard-rotate keys/queries and values before quantizing (spreads outliers)"),

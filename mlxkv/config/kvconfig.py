@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
-from mlxkv.config.precision import Precision, Stage
+from mlxkv.config.precision import DEFAULT_WINDOW_BITS, SAME_BITS, Precision, Stage
 from mlxkv.config.retention import DEFAULT_RESIDUAL, DEFAULT_SINKS, Retention
 from mlxkv.errors import UserError
 
@@ -38,7 +38,8 @@ class KVConfig:
     the budget for H2O), ``evict`` ("window": StreamingLLM; "h2o": heavy hitters).
 
     ``window_bits``: bits of the model's own sliding-window layers (Gemma 3's local layers;
-    16 = full precision; None = like the other layers).
+    16 = full precision, the default: measured best for the bytes, ``DEFAULT_WINDOW_BITS``;
+    None or "same" = like the other layers).
 
     ``backend``: "mlxkv" (ours) or "mlx-lm" (mlx-lm's own caches, as a baseline).
     """
@@ -58,11 +59,13 @@ class KVConfig:
     adaptive: tuple[tuple[int, int], ...] = ()
     backend: str = "mlxkv"
     evict: str = "window"
-    window_bits: int | None = None
+    window_bits: int | None = DEFAULT_WINDOW_BITS
 
     def __post_init__(self) -> None:
         for name in ("layer_bits", "adaptive"):  # lists from JSON or a notebook: normalized, not changed
             object.__setattr__(self, name, tuple(tuple(pair) for pair in getattr(self, name)))
+        if self.window_bits == SAME_BITS:
+            object.__setattr__(self, "window_bits", None)
         self.validate()
 
     # -- the two concerns ------------------------------------------------------------------
@@ -143,8 +146,9 @@ class KVConfig:
             base += f", h2o {self.max_kv} = {self.sinks} sinks + {heavy} heavy hitters + {self.effective_residual} recent"
         elif self.max_kv is not None:
             base += f", window {self.sinks}+{self.max_kv - self.sinks}"
-        if self.window_bits is not None:
-            base += f"; the model's window layers {self.window_bits}-bit"
+        if self.quantized and self.backend == "mlxkv" and self.window_bits != DEFAULT_WINDOW_BITS:
+            same = self.window_bits is None
+            base += "; the model's window layers " + ("like the others" if same else f"{self.window_bits}-bit")
         return base
 
     # -- checks -----------------------------------------------------------------------------

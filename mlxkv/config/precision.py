@@ -19,6 +19,12 @@ SUPPORTED_GROUP_SIZES = (32, 64, 128)
 MICROSCALING = {"mxfp4": (4, 32), "nvfp4": (4, 16), "mxfp8": (8, 32)}
 """MLX's microscaling formats: (bits, group size). Each group shares one 8-bit scale."""
 MODES = ("affine", *MICROSCALING)
+SAME_BITS = "same"
+"""How a user writes window_bits 'like the other layers' (stored as None)."""
+DEFAULT_WINDOW_BITS = 16
+"""The model's own sliding-window layers stay 16-bit unless asked otherwise: on Gemma 3 270M
+their 512-token windows are a small, bounded share of the bytes at long context while
+quantizing them costs most of the KLD (QUALITY.md, 'Long context on Gemma 3 270M')."""
 HADAMARD_BASES = (1, 12, 20, 28)
 """mx.hadamard_transform sizes: m * 2^k for these m."""
 
@@ -61,7 +67,7 @@ class Precision:
     from full precision as the context grows. quantized_kv_start: full precision until then.
     window_bits: bits of the model's own sliding-window layers (Gemma 3's local layers): their
     cache is bounded by the window, so quantizing it saves little (16 = full precision, as
-    mlx-lm leaves them; None = like the other layers).
+    mlx-lm leaves them, the default ``DEFAULT_WINDOW_BITS``; None = like the other layers).
     """
 
     bits: int | None = None
@@ -74,7 +80,7 @@ class Precision:
     layer_bits: tuple[tuple[int, int], ...] = ()
     adaptive: tuple[tuple[int, int], ...] = ()
     quantized_kv_start: int = 0
-    window_bits: int | None = None
+    window_bits: int | None = DEFAULT_WINDOW_BITS
 
     # -- derived ---------------------------------------------------------------------------
     @property

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from mlxkv.config.kvconfig import BACKENDS, KVConfig
-from mlxkv.config.precision import FULL_PRECISION, MODES, SUPPORTED_BITS
+from mlxkv.config.precision import FULL_PRECISION, MODES, SAME_BITS, SUPPORTED_BITS
 from mlxkv.config.retention import EVICTIONS
 from mlxkv.errors import UserError
 from mlxkv.units import parse_tokens
@@ -102,7 +102,7 @@ FIELD_PARSERS: dict[str, Callable[[str], Any]] = {
     "layer_bits": parse_layer_bits,
     "adaptive": parse_adaptive,
     "quantized_kv_start": lambda t: parse_tokens(t, "quantized_kv_start", minimum=0),
-    "window_bits": lambda t: parse_bits(t, "window_bits"),
+    "window_bits": lambda t: SAME_BITS if str(t).strip().lower() in (SAME_BITS, "none") else parse_bits(t, "window_bits"),
     "max_kv": _optional_tokens("max_kv", 1),
     "sinks": lambda t: parse_tokens(t, "sinks", minimum=0),
     "residual": _optional_tokens("residual", 0),
