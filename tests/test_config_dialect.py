@@ -113,3 +113,14 @@ def test_window_bits_reach_the_models_own_window_layers_only():
     sliding = [type(c).__name__ == "RotatingKVCache" for c in model.make_cache()]
     assert any(sliding) and not all(sliding)
     assert mixed == [f if s else p for f, p, s in zip(full, packed, sliding)]
+
+
+def test_window_bits_default_and_same():
+    """16-bit window layers by default (QUALITY.md, Gemma 3 270M); 'same' quantizes them like the rest."""
+    from mlxkv.config import parse_spec
+
+    assert KVConfig().window_bits == 16 == KVConfig.from_name("q4-kivi-rot").window_bits
+    same = parse_spec("q4-kivi-rot:window_bits=same")
+    assert same.window_bits is None and "like the others" in same.describe()
+    assert "window layers" not in KVConfig.from_name("q4-kivi-rot").describe()
+    assert parse_spec("q4:window_bits=8").for_layer(0, 6, sliding=True).bits == 8
