@@ -107,19 +107,20 @@ def test_window_bits_reach_the_models_own_window_layers_only():
         model(tokens, cache=cache)
         return [c.nbytes for c in cache]
 
-    mixed = layer_bytes(KVConfig.from_name("q4-kivi-rot"))  # the default: window layers 16-bit
+    mixed = layer_bytes(KVConfig.from_name("q4-kivi-rot", window_bits=16))
     full, packed = layer_bytes(KVConfig()), layer_bytes(KVConfig.from_name("q4-kivi-rot:window_bits=same"))
-    assert layer_bytes(KVConfig.from_name("q4-kivi-rot", window_bits=16)) == mixed
     sliding = [type(c).__name__ == "RotatingKVCache" for c in model.make_cache()]
     assert any(sliding) and not all(sliding)
     assert mixed == [f if s else p for f, p, s in zip(full, packed, sliding)]
 
 
 def test_window_bits_default_and_same():
-    """16-bit window layers by default (QUALITY.md, Gemma 3 270M); 'same' quantizes them like the rest."""
+    """8-bit window layers by default in a quantized cache (QUALITY.md, Gemma 3 270M), full
+    precision in a full-precision one; 'same' quantizes them like the rest."""
     from mlxkv.config import parse_spec
 
-    assert KVConfig().window_bits == 16 == KVConfig.from_name("q4-kivi-rot").window_bits
+    assert KVConfig().window_bits == 8 == KVConfig.from_name("q4-kivi-rot").window_bits
+    assert KVConfig().for_layer(0, 6, sliding=True).quantized is False
     same = parse_spec("q4-kivi-rot:window_bits=same")
     assert same.window_bits is None and "like the others" in same.describe()
     assert "window layers" not in KVConfig.from_name("q4-kivi-rot").describe()

@@ -45,7 +45,8 @@ CONFIGS = {
     "h2o": KVConfig(max_kv=120, evict="h2o"),
     "q4-h2o": KVConfig(bits=4, rotate=True, max_kv=200, evict="h2o", residual=40),
     "adaptive": KVConfig(adaptive=((30, 8), (100, 4))),
-    "kivi-rot": KVConfig.from_name("q4-kivi-rot"),  # the default: Gemma's window layers 16-bit
+    "kivi-rot": KVConfig.from_name("q4-kivi-rot"),  # the default: Gemma's window layers 8-bit
+    "kivi-rot-window-layers-16": KVConfig.from_name("q4-kivi-rot", window_bits=16),
     "kivi-rot-window-layers-same": KVConfig.from_name("q4-kivi-rot", window_bits=None),
     "q4-window-layers-8": KVConfig(bits=4, window_bits=8),
     "k3v2-kivi-rot": KVConfig.from_name("k3v2-kivi-rot"),

@@ -39,8 +39,9 @@ FIELD_FLAGS: tuple[tuple[tuple[str, ...], str, str], ...] = (
     (("--kv-bits-map",), "layer_bits", "per-layer bits, e.g. '0:8,-1:8' (negative layers count from the end; "
                                        "16 = full precision)"),
     (("--kv-window-bits",), "window_bits", "bits of the model's own sliding-window layers (Gemma 3's local layers): "
-                                           "16 = full precision, as mlx-lm keeps them (default: measured best for "
-                                           "the bytes, QUALITY.md); 2-8; 'same' = like the other layers"),
+                                           "2-8, or 16 = full precision as mlx-lm keeps them (default 8 on a "
+                                           "quantized cache: measured best for the bytes, QUALITY.md); 'same' = "
+                                           "like the other layers"),
 )
 BOOL_FLAGS = (
     ("--kv-rotate", "rotate", "Hadamard-rotate keys/queries and values before quantizing (spreads outliers)"),

@@ -38,8 +38,8 @@ class KVConfig:
     the budget for H2O), ``evict`` ("window": StreamingLLM; "h2o": heavy hitters).
 
     ``window_bits``: bits of the model's own sliding-window layers (Gemma 3's local layers;
-    16 = full precision, the default: measured best for the bytes, ``DEFAULT_WINDOW_BITS``;
-    None or "same" = like the other layers).
+    16 = full precision; default 8 on quantized caches, measured best for the bytes,
+    ``DEFAULT_WINDOW_BITS``; None or "same" = like the other layers).
 
     ``backend``: "mlxkv" (ours) or "mlx-lm" (mlx-lm's own caches, as a baseline).
     """
