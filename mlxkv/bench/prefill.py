@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gc
 import statistics
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -94,14 +95,20 @@ def run_prefill_bench(
     for spec in specs:
         measure_prefill(model, spec, prompts[contexts[0]][:64], min(steps))
     samples: dict[tuple[int, int, str], list[dict[str, float]]] = {}
-    for r in range(rounds):
-        shift = r % len(plan)
-        for step, n, spec in plan[shift:] + plan[:shift]:
-            samples.setdefault((step, n, spec.label), []).append(measure_prefill(model, spec, prompts[n], step))
-            if progress:
-                progress(f"{spec.label} @ {n} (step {step})")
+    try:
+        for r in range(rounds):
+            shift = r % len(plan)
+            for step, n, spec in plan[shift:] + plan[:shift]:
+                samples.setdefault((step, n, spec.label), []).append(measure_prefill(model, spec, prompts[n], step))
+                if progress:
+                    progress(f"{spec.label} @ {n} (step {step})")
+    except KeyboardInterrupt:  # a long run stopped by hand still reports what it measured (rows' "rounds")
+        if not samples:
+            raise
+        print("prefill bench: interrupted; reporting the runs that finished", file=sys.stderr)
     weights = model_weights_bytes(model)
-    rows = [_row(step, n, spec.label, samples[(step, n, spec.label)], weights) for step, n, spec in plan]
+    rows = [_row(step, n, spec.label, samples[(step, n, spec.label)], weights)
+            for step, n, spec in plan if (step, n, spec.label) in samples]
     return _compare(rows, steps[0])
 
 

@@ -32,8 +32,10 @@ from mlxkv.stepping import prefill
 DEFAULT_CONFIGS = ("fp16", "q8", "q4", "k8v4", "mlxlm-fp16", "mlxlm-q8", "mlxlm-q4")
 DEFAULT_CONTEXTS = (1024, 2048, 4096)
 DEFAULT_PREFILL_CHUNK = 512
-"""Prompt tokens per forward pass, the same for every config. mlx-lm's generate uses 2048;
-512 keeps the [chunk x context] attention scores of a long prompt small on a CPU."""
+"""Prompt tokens per forward pass, the same for every config. mlx-lm's generate (and mlxkv
+generate/serve) use 2048; mlxkv's caches attend in key blocks (mlxkv.attention.blocks), but
+mlx-lm's caches still hold [chunk x context] scores on a CPU, which 512 keeps small, and the
+earlier tables in BENCHMARKS.md used it."""
 
 PROMPT_NOTE = "synthetic prompt: uniform random token ids (seed {seed}); speed and memory do not depend on the text"
 FP16_BYTES = 2
