@@ -197,7 +197,7 @@ def no_fit_message(rows: Sequence[PlanRow], budget: int, context: int) -> str:
     if smallest.weights_bytes + smallest.load_bytes > budget:
         return (f"loading the weights ({format_bytes(smallest.weights_bytes)}) peaks at "
                 f"{format_bytes(smallest.weights_bytes + smallest.load_bytes)}, above the {format_bytes(budget)} "
-                f"budget (quantized weights are expanded on load); keep them quantized, use a smaller model, "
+                f"budget (quantized weights are expanded on load); pass --keep-quantized-weights, use a smaller model, "
                 f"or raise --memory")
     longest = max(rows, key=lambda r: math.inf if r.max_context is None else r.max_context)
     return (
