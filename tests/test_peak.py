@@ -19,15 +19,18 @@ from mlxkv.stepping import prefill
 
 
 def measured_peak(model, config: str, tokens: int, step: int) -> tuple[int, int]:
-    """(MLX's peak over a prefill as generation runs it, the cache's bytes after), from a fresh cache."""
+    """(MLX's peak over a prefill as generation runs it, the cache's bytes after), from a fresh
+    cache. The peak counts the model's weights and what the prefill added, not what else this
+    process holds (other tests' models): MLX's counters are process-wide."""
     gc.collect()
     mx.clear_cache()
     cache = mlxkv.make_kv_cache(model, config)
     prompt = mx.random.randint(0, 256, (tokens,), key=mx.random.key(tokens))
     mx.eval(prompt)
+    resident = mx.get_active_memory() - prompt.nbytes
     mx.reset_peak_memory()
     logits = prefill(model, prompt, cache, step)
-    peak, kv = mx.get_peak_memory(), sum(c.nbytes for c in cache)
+    peak, kv = mx.get_peak_memory() - resident + model_weights_bytes(model), sum(c.nbytes for c in cache)
     del cache, logits
     return peak, kv
 
