@@ -30,8 +30,11 @@ of the two. A loaded model carries its measured load transient (``LoadInfo.load_
 before loading, the planner estimates it as ``LOAD_STORED_COPIES`` x the stored bytes when
 the weights will be expanded.
 
-Calibrated on SmolLM2-135M (float32 on MLX's CPU backend, 2 cores; MEMORY.md, "Predicted vs
-measured peak"): the constants below are measured multiples, as in ``attention.blocks``.
+The step counted is a full ``prefill_step`` over the whole context: conservative when a
+prompt's last step is shorter (3% over on a 2,254-token prompt, MEMORY.md). Calibrated on
+SmolLM2-135M (float32 on MLX's CPU backend, 2 cores; MEMORY.md, "Predicted vs measured
+peak": within 3% at 2K and 8K tokens): the constants below are measured multiples, as in
+``attention.blocks``, except ``MLP_WIDTHS``, counted from shapes. Not measured on Metal.
 """
 
 from __future__ import annotations
