@@ -222,7 +222,7 @@ def test_plan_command_json(tmp_path, capsys):
     config = tmp_path / "config.json"
     config.write_text(json.dumps({**tiny_config("gemma3_text", head_dim=64), "max_position_embeddings": 4096}))
     out = tmp_path / "plan.json"
-    assert main(["plan", "--config", str(config), "--context", "2k", "--memory", "64MB",
+    assert main(["plan", "--config", str(config), "--context", "2k", "--memory", "256MB",
                  "--baselines", "--json", str(out)]) == 0
     payload = json.loads(out.read_text())
     rows = {r["config"]: r for r in payload["rows"]}
@@ -231,7 +231,8 @@ def test_plan_command_json(tmp_path, capsys):
         assert {"config", "kv_bytes_per_token", "kv_bytes", "weights_bytes", "total_bytes", "max_context",
                 "fits"} <= set(row)
         assert row["total_bytes"] == row["kv_bytes"] + row["weights_bytes"]
-    assert payload["metadata"]["context"] == 2048
+        assert row["peak_bytes"] == row["total_bytes"] + row["prefill_bytes"] and row["fits"]  # nothing to load
+    assert payload["metadata"]["context"] == 2048 and payload["metadata"]["prefill_step_size"] == 2048
     assert payload["metadata"]["recommended"]["config"] == "fp16"
 
     assert main(["plan", "--config", str(config), "--context", "1000", "--memory", "1GB"]) == 0

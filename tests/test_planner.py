@@ -18,6 +18,7 @@ from mlxkv.errors import UserError
 from mlxkv.loading.tiny import TINY_ARCHS, tiny_config, tiny_model
 from mlxkv.memory.layout import LayerSpec, ModelLayout, layout_from_config, layout_from_model
 from mlxkv.memory.cache_bytes import kv_bytes_per_token, predict_kv_bytes, predict_layer_bytes
+from mlxkv.memory.peak import predict_peak
 from mlxkv.memory.planner import candidate_configs, max_context, plan, recommend, recommend_config
 
 # head_dim 64 or 128 so that every group size tiles it
@@ -210,7 +211,9 @@ def test_max_context_is_the_boundary():
     for name in ("fp16", "q4", "mlxlm-q8"):
         config = KVConfig.from_name(name)
         n = max_context(config, layout, budget, weights)
-        assert weights + predict_kv_bytes(config, layout, n) <= budget < weights + predict_kv_bytes(config, layout, n + 1)
+        assert predict_peak(config, layout, n, weights).peak <= budget < predict_peak(config, layout, n + 1, weights).peak
+        # the peak is more than weights + KV: the boundary sits below where the cache alone would fill the room
+        assert weights + predict_kv_bytes(config, layout, n + 1) < budget
     assert max_context(KVConfig(bits=4, max_kv=4096), layout, budget, weights) is None  # a window always fits
     assert max_context(KVConfig(), layout, budget, budget + 1) == 0  # the weights alone do not fit
 
@@ -218,8 +221,8 @@ def test_max_context_is_the_boundary():
 def test_plan_rows_and_recommendation():
     layout = layout_from_config(LLAMA3_8B)
     weights = 16 * 1024**3
-    fp16_total = weights + predict_kv_bytes("fp16", layout, 32768)
-    budget = fp16_total - 1  # fp16 misses by one byte
+    fp16_peak = predict_peak("fp16", layout, 32768, weights).peak
+    budget = fp16_peak - 1  # fp16 misses by one byte
     rows = plan(layout, 32768, budget, weights, candidate_configs())
     by_name = {r.config: r for r in rows}
     assert not by_name["fp16"].fits and by_name["q8"].fits
@@ -247,13 +250,14 @@ def test_recommendation_skips_baselines_and_ranks_unknown_names_by_bits():
 def test_recommend_config_for_a_loaded_model_and_a_config():
     model = tiny_model("llama", head_dim=64)
     weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
-    kv_fp32 = predict_kv_bytes("fp16", layout_from_model(model), 2000, dtype_bytes=4)
-    name, reason = recommend_config(model, 2000, weights + kv_fp32)
+    layout = layout_from_model(model)
+    fp16_peak = predict_peak("fp16", layout, 2000, weights, dtype_bytes=4).peak
+    name, reason = recommend_config(model, 2000, fp16_peak)
     assert name == "fp16" and "2,000 tokens" in reason
-    name, _ = recommend_config(model, 2000, weights + kv_fp32 - 1)
-    assert name == "q8-kivi-rot"  # the best measured scheme that fits (QUALITY.md)
+    name, _ = recommend_config(model, 2000, fp16_peak - 1)
+    assert name != "fp16" and predict_peak(name, layout, 2000, weights, dtype_bytes=4).peak < fp16_peak
     with pytest.raises(UserError, match="no KV configuration fits"):
-        recommend_config(model, 10**6, weights + kv_fp32)
+        recommend_config(model, 10**6, fp16_peak)
     with pytest.raises(UserError, match="cannot read the memory budget"):
         recommend_config(tiny_config("llama"), 100, "8 parsecs")
     assert recommend_config(LLAMA3_8B, 8192, "24GB")[0] == "fp16"

@@ -47,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
     if sharding.active:  # mlx.launch sends what is typed to every rank, but never an end of input
         note(sharding.describe() + "; type 'q' to quit (Ctrl-D does not reach the ranks)")
     trained = getattr(getattr(model, "args", None), "max_position_embeddings", None) or 8192
-    config = request.resolve(model, context=trained, memory=distributed.agreed_budget(args.memory), note=note)
+    config = request.resolve(model, context=trained, memory=distributed.agreed_budget(args.memory), note=note,
+                             prefill_step=args.prefill_step_size)
     distributed.check_config(sharding, config)
     note(f"KV cache: {config.describe()}")
     session = Session(model, tokenizer, config, prefill_step_size=args.prefill_step_size)

@@ -102,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
     tokens = encode_chat(tokenizer, messages_for(prompt, args.system), not args.no_chat_template)
     check_context(model, len(tokens), params.max_tokens)
     config = request.resolve(model, context=len(tokens) + params.max_tokens,
-                             memory=distributed.agreed_budget(args.memory), note=note)
+                             memory=distributed.agreed_budget(args.memory), note=note,
+                             prefill_step=args.prefill_step_size)
     distributed.check_config(sharding, config)
     if config.max_kv is not None and len(tokens) > config.max_kv:
         note(f"the prompt ({len(tokens)} tokens) is longer than the window ({config.max_kv}); the model "

@@ -12,6 +12,7 @@ from mlxkv.cli.common import HelpFormatter, count_arg, size_arg
 from mlxkv.cli.kv_args import add_kv_arguments, kv_epilog
 from mlxkv.errors import UserError
 from mlxkv.loading.models import MODEL_HELP
+from mlxkv.stepping import DEFAULT_PREFILL_STEP_SIZE
 from mlxkv.units import SIZE_HELP
 
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
@@ -24,7 +25,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="predict KV-cache memory per configuration and what fits a budget",
         description=(
             "Predict, for each KV-cache configuration, the bytes per token, the cache at the target "
-            "context, the total with the weights, and the longest context that fits the memory "
+            "context, the total with the weights, the run's peak (weights, cache, a prefill step's "
+            "activations, the load's own peak) and the longest context whose peak fits the memory "
             "budget; recommend the highest-quality configuration that fits. Reads only the model's "
             "config (and weight sizes): nothing is loaded."
         ),
@@ -59,6 +61,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=tuple(DTYPE_BYTES), default="float16",
                    help="dtype the model computes in: float16 on a Mac (default); float32 for a CPU device, "
                         "where mlxkv also expands quantized weights to float32")
+    p.add_argument("--prefill-step-size", type=count_arg("--prefill-step-size"), default=DEFAULT_PREFILL_STEP_SIZE,
+                   metavar="TOKENS", help=f"prompt tokens per prefill step, as in mlxkv generate (default "
+                   f"{DEFAULT_PREFILL_STEP_SIZE}): a step's activations are part of the predicted peak")
     p.add_argument("--weights-bytes", metavar="SIZE", type=size_arg, help=f"the weights' size, when you know better (e.g. 4.5GB; {SIZE_HELP})")
     p.add_argument("--configs", "--kv-configs", dest="configs", metavar="SPEC,SPEC,...",
                    help="configurations to compare, names or spec strings (default: every scheme, best measured "
@@ -84,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
     from mlxkv.memory.machine_memory import device_memory
     from mlxkv.loading.model_config import model_source, weights_bytes
     from mlxkv.memory.layout import block_parameter_share, layout_from_config, split_modes
+    from mlxkv.memory.peak import load_transient_estimate
     from mlxkv.memory.planner import candidate_configs, compatible_configs, plan, recommend, weights_per_rank
     from mlxkv.report import check_output_path
     from mlxkv.units import format_bytes
@@ -122,13 +128,16 @@ def run(args: argparse.Namespace) -> int:
     if not configs or (args.configs and skipped):  # a configuration the user named must work
         raise UserError(next(iter(skipped.values())))
     dtype_bytes = DTYPE_BYTES[args.dtype]
+    load = 0
     if explicit_weights is not None:
         weights, weights_how = explicit_weights, "given with --weights-bytes"
     else:
         weights, weights_how = weights_bytes(source, dtype_bytes)
+        load = load_transient_estimate(source.stored_bytes, weights) if dtype_bytes == 4 else 0
     if layout.ranks > 1:
         whole, share = weights, block_parameter_share(source.config)
         weights = weights_per_rank(whole, layout, share)
+        load = 0  # mlxkv.distributed resets the peak after sharding
         weights_how = (f"one rank's part of {format_bytes(whole)} ({weights_how}); "
                        + ("the embeddings and output head on every rank" if share is not None
                           else "mlx-lm cannot build this model, so every weight is taken as split"))
@@ -136,7 +145,8 @@ def run(args: argparse.Namespace) -> int:
     if context is None:
         raise UserError("the model config does not say its context length; pass --context TOKENS")
 
-    rows = plan(layout, context, memory.recommended, weights, configs, dtype_bytes, args.batch)
+    rows = plan(layout, context, memory.recommended, weights, configs, dtype_bytes, args.batch,
+                args.prefill_step_size, load)
     choice = recommend(rows, memory.recommended, context)
     notes = _notes(layout, context, args.dtype, is_cpu())
     notes += [f"skipped {name}: {why}" for name, why in {**invalid, **skipped}.items()]
@@ -145,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
         _write_json(args.json, rows, choice, {
             "model": source.name, "model_kind": source.kind, "model_type": layout.model_type,
             "layout": layout.describe(), "layout_source": layout.source, "context": context,
-            "batch": args.batch, "ranks": args.ranks, "pipeline": args.pipeline, "dtype": args.dtype,
+            "batch": args.batch, "prefill_step_size": args.prefill_step_size, "load_bytes": load, "ranks": args.ranks, "pipeline": args.pipeline, "dtype": args.dtype,
             "budget_bytes": memory.recommended,
             "budget_source": memory.source, "weights_how": weights_how, "notes": notes,
         })
@@ -155,9 +165,11 @@ def run(args: argparse.Namespace) -> int:
 
     shown = Path(source.name).name if source.kind in ("gguf", "directory", "config") else source.name
     print(f"model:   {shown} ({layout.model_type or 'unknown type'}; {layout.describe()})")
-    print(f"weights: {format_bytes(weights)} ({weights_how})")
+    print(f"weights: {format_bytes(weights)} ({weights_how})"
+          + (f"; loading peaks {format_bytes(load)} above them (quantized weights expanded)" if load else ""))
     print(f"budget:  {format_bytes(memory.recommended)} ({memory.source})")
-    print(f"target:  {context:,} tokens, batch {args.batch}, {args.dtype} model dtype"
+    print(f"target:  {context:,} tokens, batch {args.batch}, {args.dtype} model dtype, "
+          f"prefill steps of {args.prefill_step_size:,}"
           + (f"; per machine, one of {args.ranks}" if args.ranks > 1 else "") + "\n")
     table = [{
         "config": r.config,
@@ -165,12 +177,13 @@ def run(args: argparse.Namespace) -> int:
         "per_token": f"{r.kv_bytes_per_token:,}",
         "kv": format_bytes(r.kv_bytes),
         "total": format_bytes(r.total_bytes),
+        "peak": format_bytes(r.peak_bytes),
         "max": "unbounded" if r.max_context is None else f"{r.max_context:,}",
         "fits": r.fits,
     } for r in rows]
-    print(text_table(table, ["config", "bits", "per_token", "kv", "total", "max", "fits"],
+    print(text_table(table, ["config", "bits", "per_token", "kv", "total", "peak", "max", "fits"],
                      ["config", "bits/elem", "bytes/token", f"KV @ {context:,}", "KV + weights",
-                      "max context", "fits"]))
+                      "peak", "max context", "fits"]))
     print()
     if choice is None:
         from mlxkv.memory.planner import no_fit_message
@@ -184,8 +197,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _notes(layout: Any, context: int, dtype: str, cpu: bool) -> list[str]:
-    notes = ["KV bytes include the growth slack (caches grow 256 tokens at a time); activations "
-             "during prefill come on top (see MEMORY.md)"]
+    notes = ["KV bytes include the growth slack (caches grow 256 tokens at a time); the peak adds the "
+             "largest prefill step's attention and activations, or the load's own peak, and is what must "
+             "fit (see MEMORY.md)"]
     trained = layout.max_position_embeddings
     if trained and context > trained:
         notes.append(f"the target context ({context:,}) exceeds the model's trained context ({trained:,})")

@@ -49,10 +49,11 @@ class KVRequest:
         return KVConfig(bits=int(self.bits), **self.overrides)
 
     def resolve(self, model: Any = None, context: int | None = None, memory: int | str | None = None,
-                note: Callable[[str], None] | None = None) -> KVConfig:
+                note: Callable[[str], None] | None = None, prefill_step: int | None = None) -> KVConfig:
         """The KVConfig for ``model``: a plain ``--kv-bits N`` takes the registry's best scheme at N
-        bits that the model can hold; ``auto`` the planner's best that fits ``context`` tokens in
-        ``memory``; anything else is what was asked."""
+        bits that the model can hold; ``auto`` the planner's best whose predicted peak (prefilling
+        in steps of ``prefill_step`` tokens) fits ``context`` tokens in ``memory``; anything else
+        is what was asked."""
         from mlxkv.caches.factory import model_fits
         from mlxkv.schemes import best_at_bits
 
@@ -62,7 +63,7 @@ class KVRequest:
                 raise ValueError("--kv-bits auto needs the model and the context")
             from mlxkv.memory.planner import recommend_config
 
-            name, reason = recommend_config(model, context, memory, **self.overrides)
+            name, reason = recommend_config(model, context, memory, prefill_step=prefill_step, **self.overrides)
             if note:
                 note(f"--kv-bits auto: {reason}")
             return parse_spec(name, **self.overrides)

@@ -45,6 +45,7 @@ class LoadInfo:
     dtype: str  # dtype(s) of the floating-point weights, e.g. "float32"
     weights_bytes: int  # bytes of all parameters as loaded
     note: str  # one line for a person: what was loaded and how
+    load_transient_bytes: int | None = None  # MLX's peak during the load above what it left (None: unseen)
 
 
 def cached_import_dir(gguf_path: Path) -> Path:
@@ -204,6 +205,7 @@ def load(
     if keep_quantized is None:
         keep_quantized = not is_cpu()
 
+    active_before, peak_before = mx.get_active_memory(), mx.get_peak_memory()
     loaded, tokenizer = _load_model_dir(model_dir)
     was_quantized = _is_quantized(loaded)
     if target_dtype is not None:
@@ -217,6 +219,8 @@ def load(
 
     weights_dtype = _float_weights_dtype(loaded)
     weights_bytes = sum(v.nbytes for _, v in tree_flatten(loaded.parameters()))
+    peak_after = mx.get_peak_memory()  # the load's own peak shows only when it beats every earlier one
+    transient = max(0, peak_after - active_before - weights_bytes) if peak_after > peak_before else None
     if dequantized:
         how = f"quantized weights expanded to {weights_dtype} (faster on this device)"
     elif was_quantized:
@@ -231,6 +235,7 @@ def load(
         dtype=weights_dtype,
         weights_bytes=weights_bytes,
         note=f"loaded {_short_name(source)}: {how}, {format_bytes(weights_bytes)}",
+        load_transient_bytes=transient,
     )
     return loaded, tokenizer
 

@@ -58,6 +58,8 @@ class ModelLayout:
     pipeline: bool = False
     mlp_widths: tuple[int, ...] = ()  # the MLPs' hidden widths (intermediate_size): tensor parallel splits them too
     block_share: float = 1.0  # of the transformer blocks' weights, the part one rank holds
+    hidden_size: int | None = None  # the residual stream's width (whole on every rank): prefill activations
+    vocab_size: int | None = None  # the logits' width
 
     @property
     def attention_layers(self) -> list[LayerSpec]:
@@ -151,6 +153,7 @@ def layout_from_config(config: dict[str, Any]) -> ModelLayout:
         max_position_embeddings=_int_or_none(fields.get("max_position_embeddings")),
         source="mlx-lm" if built is not None else "config rules",
         mlp_widths=_mlp_widths(fields),
+        **_widths(fields),
     )
 
 
@@ -213,6 +216,12 @@ def _mlp_widths(fields: dict[str, Any]) -> tuple[int, ...]:
     width = fields.get("intermediate_size")
     values = width if isinstance(width, (list, tuple)) else [width]
     return tuple(sorted({int(v) for v in values if isinstance(v, int) and v > 0}))
+
+
+def _widths(fields: dict[str, Any]) -> dict[str, int | None]:
+    """The residual stream's and the vocabulary's widths, when the config says."""
+    return {"hidden_size": _int_or_none(_first(fields, "hidden_size", "n_embd", "d_model", "model_dim")),
+            "vocab_size": _int_or_none(fields.get("vocab_size"))}
 
 
 def _query_heads(fields: dict[str, Any]) -> list[int | None]:
@@ -376,6 +385,7 @@ def layout_from_model(model: nn.Module) -> ModelLayout:
         source="probe",
         ranks=shards,
         mlp_widths=tuple(width // shards for width in _mlp_widths(args)),
+        **_widths(args),
     )
 
 

@@ -1,8 +1,10 @@
 """What fits: the plan of KV configurations against a context and a memory budget.
 
-Bytes come from ``mlxkv.memory.cache_bytes`` (the caches' own bookkeeping); quality from the
-scheme registry (``mlxkv.schemes``). ``recommend`` takes the best measured configuration
-that fits; ``mlxkv plan`` and ``--kv-bits auto`` read it.
+Bytes come from ``mlxkv.memory.cache_bytes`` (the caches' own bookkeeping) and the run's
+predicted peak from ``mlxkv.memory.peak`` (weights, cache, the largest prefill step's
+transient, the load's own peak); quality from the scheme registry (``mlxkv.schemes``). A
+configuration fits when its predicted peak does. ``recommend`` takes the best measured
+configuration that fits; ``mlxkv plan`` and ``--kv-bits auto`` read it.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ from typing import Any
 
 from mlxkv.config import KVConfig
 from mlxkv.errors import UserError
-from mlxkv.memory.cache_bytes import FP16_BYTES, kv_bytes_per_token, predict_kv_bytes
+from mlxkv.memory.cache_bytes import FP16_BYTES, kv_bytes_per_token
 from mlxkv.memory.layout import ModelLayout
+from mlxkv.memory.peak import predict_peak
+from mlxkv.stepping import DEFAULT_PREFILL_STEP_SIZE
 from mlxkv.units import format_bytes
 
 
@@ -26,7 +30,9 @@ MAX_TOKENS = 2**40
 
 @dataclass(frozen=True)
 class PlanRow:
-    """One KV configuration at the target context. ``max_context`` None: unbounded (windows)."""
+    """One KV configuration at the target context. ``total_bytes``: weights + KV;
+    ``peak_bytes``: the run's predicted peak (``mlxkv.memory.peak``), what ``fits`` compares
+    with the budget. ``max_context`` None: unbounded (windows)."""
 
     config: str
     description: str
@@ -38,21 +44,27 @@ class PlanRow:
     max_context: int | None
     fits: bool
     baseline: bool = False  # mlx-lm's caches: shown for comparison, never recommended
+    peak_bytes: int = 0
+    prefill_bytes: int = 0  # the largest prefill step's transient (attention and other activations)
+    load_bytes: int = 0  # what loading holds above the weights at its peak  # mlx-lm's caches: shown for comparison, never recommended
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def max_context(config: KVConfig, layout: ModelLayout, budget: int, weights_bytes: int,
-                dtype_bytes: int = FP16_BYTES, batch: int = 1) -> int | None:
-    """The most tokens whose cache (allocated, one token at a time) plus the weights fit
-    ``budget``; None when the cache is bounded and always fits."""
-    room = budget - weights_bytes
+                dtype_bytes: int = FP16_BYTES, batch: int = 1,
+                prefill_step: int = DEFAULT_PREFILL_STEP_SIZE, load_bytes: int = 0) -> int | None:
+    """The most tokens whose predicted peak (``predict_peak``: the weights, the cache allocated
+    one token at a time, a prefill step's transient, the load's peak) fits ``budget``; None
+    when the cache is bounded and always fits. The peak never falls as the context grows, so
+    the boundary is found by bisection."""
 
     def fits(tokens: int) -> bool:
-        return predict_kv_bytes(config, layout, tokens, dtype_bytes=dtype_bytes, batch=batch) <= room
+        return predict_peak(config, layout, tokens, weights_bytes, dtype_bytes=dtype_bytes, batch=batch,
+                            prefill_step=prefill_step, load_bytes=load_bytes).peak <= budget
 
-    if room < 0 or not fits(0):
+    if weights_bytes + load_bytes > budget or not fits(0):
         return 0
     if fits(MAX_TOKENS):
         return None
@@ -64,20 +76,27 @@ def max_context(config: KVConfig, layout: ModelLayout, budget: int, weights_byte
 
 
 def plan(layout: ModelLayout, context: int, budget: int, weights_bytes: int,
-         configs: Mapping[str, KVConfig], dtype_bytes: int = FP16_BYTES, batch: int = 1) -> list[PlanRow]:
+         configs: Mapping[str, KVConfig], dtype_bytes: int = FP16_BYTES, batch: int = 1,
+         prefill_step: int = DEFAULT_PREFILL_STEP_SIZE, load_bytes: int = 0) -> list[PlanRow]:
     """One row per configuration: bytes per token, KV bytes at ``context``, total with the
-    weights, the longest context that fits ``budget``, and whether ``context`` fits."""
+    weights, the predicted peak of prefilling ``context`` tokens in steps of ``prefill_step``
+    (``load_bytes``: what loading holds above the weights), the longest context whose peak
+    fits ``budget``, and whether ``context`` fits."""
     if not layout.attention_layers:
         raise UserError("this model has no attention layers with a KV cache; there is nothing to plan")
     if context < 1:
         raise UserError(f"the target context must be at least 1 token, got {context}")
     if batch < 1:
         raise UserError(f"the batch size must be at least 1, got {batch}")
+    if prefill_step < 1:
+        raise UserError(f"the prefill step size must be at least 1 token, got {prefill_step}")
     rows = []
     elements = sum(layer.elements_per_token for layer in layout.attention_layers) * batch
     for name, config in configs.items():
         per_token = kv_bytes_per_token(config, layout, dtype_bytes, batch)
-        kv = predict_kv_bytes(config, layout, context, dtype_bytes=dtype_bytes, batch=batch)
+        peak = predict_peak(config, layout, context, weights_bytes, dtype_bytes=dtype_bytes, batch=batch,
+                            prefill_step=prefill_step, load_bytes=load_bytes)
+        kv = peak.kv
         total = weights_bytes + kv
         rows.append(PlanRow(
             config=name,
@@ -87,9 +106,13 @@ def plan(layout: ModelLayout, context: int, budget: int, weights_bytes: int,
             kv_bytes=kv,
             weights_bytes=weights_bytes,
             total_bytes=total,
-            max_context=max_context(config, layout, budget, weights_bytes, dtype_bytes, batch),
-            fits=total <= budget,
+            max_context=max_context(config, layout, budget, weights_bytes, dtype_bytes, batch,
+                                    prefill_step, load_bytes),
+            fits=peak.peak <= budget,
             baseline=config.backend == "mlx-lm",
+            peak_bytes=peak.peak,
+            prefill_bytes=peak.prefill,
+            load_bytes=load_bytes,
         ))
     return rows
 
@@ -152,44 +175,55 @@ def recommend(rows: Sequence[PlanRow], budget: int, context: int) -> tuple[str, 
         if row.fits:
             reason = (
                 f"{row.config} ({row.description}) is the highest-quality configuration that fits: "
-                f"{context:,} tokens of KV cache ({format_bytes(row.kv_bytes)}) plus the weights "
-                f"({format_bytes(row.weights_bytes)}) make {format_bytes(row.total_bytes)} "
-                f"of the {format_bytes(budget)} budget"
+                f"{context:,} tokens of KV cache ({format_bytes(row.kv_bytes)}), the weights "
+                f"({format_bytes(row.weights_bytes)}) and a prefill step ({format_bytes(row.prefill_bytes)}) "
+                f"peak at {format_bytes(row.peak_bytes)} of the {format_bytes(budget)} budget"
             )
+            if row.peak_bytes == row.weights_bytes + row.load_bytes and row.load_bytes:
+                reason += f" (the load's peak: {format_bytes(row.load_bytes)} above the weights)"
             if i > 0:
                 better = ranked[i - 1]
-                reason += f"; {better.config} would need {format_bytes(better.total_bytes)}"
+                reason += f"; {better.config} would need {format_bytes(better.peak_bytes)}"
             return row.config, reason
     return None
 
 
 def no_fit_message(rows: Sequence[PlanRow], budget: int, context: int) -> str:
     """One line for when nothing fits: the smallest need and what to change."""
-    smallest = min(rows, key=lambda r: r.total_bytes)
+    smallest = min(rows, key=lambda r: r.peak_bytes)
     if smallest.weights_bytes > budget:
         return (f"the weights alone ({format_bytes(smallest.weights_bytes)}) exceed the "
                 f"{format_bytes(budget)} budget; use a smaller or more quantized model, or raise --memory")
+    if smallest.weights_bytes + smallest.load_bytes > budget:
+        return (f"loading the weights ({format_bytes(smallest.weights_bytes)}) peaks at "
+                f"{format_bytes(smallest.weights_bytes + smallest.load_bytes)}, above the {format_bytes(budget)} "
+                f"budget (quantized weights are expanded on load); pass --keep-quantized-weights, use a smaller model, "
+                f"or raise --memory")
     longest = max(rows, key=lambda r: math.inf if r.max_context is None else r.max_context)
     return (
         f"no KV configuration fits {context:,} tokens in {format_bytes(budget)}: even "
-        f"{smallest.config} needs {format_bytes(smallest.total_bytes)}; shorten the context "
+        f"{smallest.config} peaks at {format_bytes(smallest.peak_bytes)}; shorten the context "
         f"(at most {longest.max_context:,} tokens with {longest.config}), bound the cache with "
-        f"--max-kv, or raise --memory"
+        f"--max-kv, lower --prefill-step-size, or raise --memory"
     )
 
 
 def recommend_config(
     model_or_config: Any, context: int, budget: int | str | None = None,
     candidates: Sequence[str] | None = None, *, weights_bytes: int | None = None,
-    dtype_bytes: int | None = None, batch: int = 1, **overrides: Any,
+    dtype_bytes: int | None = None, batch: int = 1, prefill_step: int | None = None,
+    load_bytes: int | None = None, **overrides: Any,
 ) -> tuple[str, str]:
-    """The best-quality named KV configuration whose cache at ``context`` tokens plus the
-    weights fits ``budget``, and why: what ``mlxkv generate --kv-bits auto`` uses.
+    """The best-quality named KV configuration whose predicted peak at ``context`` tokens
+    (weights, cache, a prefill step of ``prefill_step`` tokens, the load's peak) fits
+    ``budget``, and why: what ``mlxkv generate --kv-bits auto`` uses.
 
     ``model_or_config``: a loaded model (exact layout, dtype and weight bytes), a config.json
     dict, or a ``ModelLayout``. ``budget``: bytes, a size such as "8GB", or None for this
     machine's recommended working set. ``overrides``: KVConfig fields applied to every
-    candidate (group_size, max_kv, sinks, residual). Raises UserError when nothing fits.
+    candidate (group_size, max_kv, sinks, residual). ``load_bytes``: what loading held above
+    the weights (default: as ``mlxkv.load`` measured it for a loaded model, else 0). Raises
+    UserError when nothing fits.
     """
     import mlx.nn as nn
 
@@ -202,6 +236,10 @@ def recommend_config(
         layout = layout_from_model(model_or_config)
         if weights_bytes is None:
             weights_bytes = model_weights_bytes(model_or_config)
+        if load_bytes is None:
+            from mlxkv.memory.peak import model_load_bytes
+
+            load_bytes = model_load_bytes(model_or_config)
     elif isinstance(model_or_config, ModelLayout):
         layout = model_or_config
     else:
@@ -218,7 +256,8 @@ def recommend_config(
     configs, skipped = compatible_configs(named, layout)
     if not configs:
         raise UserError(next(iter({**invalid, **skipped}.values())))
-    rows = plan(layout, context, budget, weights_bytes, configs, dtype_bytes, batch)
+    rows = plan(layout, context, budget, weights_bytes, configs, dtype_bytes, batch,
+                prefill_step or DEFAULT_PREFILL_STEP_SIZE, load_bytes or 0)
     choice = recommend(rows, budget, context)
     if choice is None:
         raise UserError(no_fit_message(rows, budget, context))
