@@ -20,7 +20,7 @@ from mlxkv.bench.prefill import (
     DEFAULT_ONLY_AT, DEFAULT_PREFILL_CONFIGS, DEFAULT_PREFILL_CONTEXTS, _plan, prefill_runs_count, run_prefill_bench,
 )
 from mlxkv.bench.runner import resolve_configs
-from mlxkv.cli.bench import _int_list, _name_list
+from mlxkv.cli.common import token_list_arg
 from mlxkv.errors import UserError
 from mlxkv.report import check_output_path, markdown_table, progress, run_metadata, text_table, write_json, write_text
 from mlxkv.stepping import DEFAULT_PREFILL_STEP_SIZE
@@ -48,6 +48,11 @@ per-round ratios (>1: faster) against mlx-lm's KVCache (float32 on a CPU) at the
 context and step, and against the same config at the first step size listed."""
 
 
+def _name_list(text: str) -> list[str]:
+    """argparse type for configs: 'q4-kivi-rot,mlxlm-fp16' -> ['q4-kivi-rot', 'mlxlm-fp16']."""
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
 def _only_at(items: list[str]) -> dict[str, tuple[int, ...]]:
     """['mlxlm-q4@4096,8k'] -> {'mlxlm-q4': (4096, 8192)}."""
     limits = {}
@@ -55,7 +60,7 @@ def _only_at(items: list[str]) -> dict[str, tuple[int, ...]]:
         name, sep, contexts = item.partition("@")
         if not sep or not name.strip():
             raise UserError(f"cannot read --only {item!r}; write CONFIG@N,N, e.g. mlxlm-q4@4096")
-        limits[name.strip().lower()] = tuple(_int_list(contexts))
+        limits[name.strip().lower()] = tuple(token_list_arg(contexts))
     return limits
 
 
@@ -63,14 +68,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="model to load (default: the bundled SmolLM2-135M)")
-    parser.add_argument("--contexts", type=_int_list, default=list(DEFAULT_PREFILL_CONTEXTS), metavar="N,N,...",
+    parser.add_argument("--contexts", type=token_list_arg, default=list(DEFAULT_PREFILL_CONTEXTS), metavar="N,N,...",
                         help=f"prompt lengths (default {','.join(map(str, DEFAULT_PREFILL_CONTEXTS))})")
     parser.add_argument("--configs", type=_name_list, default=list(DEFAULT_PREFILL_CONFIGS), metavar="SPEC,...",
                         help=f"KV configs (default {','.join(DEFAULT_PREFILL_CONFIGS)})")
     parser.add_argument("--only", action="append", metavar="CONFIG@N,N",
                         help="measure CONFIG at these contexts only (default: "
                              + " ".join(f"{k}@{','.join(map(str, v))}" for k, v in DEFAULT_ONLY_AT.items()) + ")")
-    parser.add_argument("--steps", type=_int_list, default=[DEFAULT_PREFILL_STEP_SIZE], metavar="N,N,...",
+    parser.add_argument("--steps", type=token_list_arg, default=[DEFAULT_PREFILL_STEP_SIZE], metavar="N,N,...",
                         help=f"prefill step sizes, prompt tokens per forward pass (default {DEFAULT_PREFILL_STEP_SIZE})")
     parser.add_argument("--rounds", type=int, default=3, help="repeats of every run, interleaved (default 3)")
     parser.add_argument("--seed", type=int, default=0)
