@@ -18,7 +18,7 @@ from mlxkv.config import KVConfig
 from mlxkv.errors import UserError
 from mlxkv.memory.cache_bytes import FP16_BYTES, kv_bytes_per_token
 from mlxkv.memory.layout import ModelLayout
-from mlxkv.memory.peak import predict_peak
+from mlxkv.memory.peak import model_load_bytes, predict_peak
 from mlxkv.stepping import DEFAULT_PREFILL_STEP_SIZE
 from mlxkv.units import format_bytes
 
@@ -46,7 +46,7 @@ class PlanRow:
     baseline: bool = False  # mlx-lm's caches: shown for comparison, never recommended
     peak_bytes: int = 0
     prefill_bytes: int = 0  # the largest prefill step's transient (attention and other activations)
-    load_bytes: int = 0  # what loading holds above the weights at its peak  # mlx-lm's caches: shown for comparison, never recommended
+    load_bytes: int = 0  # what loading holds above the weights at its peak
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -64,7 +64,7 @@ def max_context(config: KVConfig, layout: ModelLayout, budget: int, weights_byte
         return predict_peak(config, layout, tokens, weights_bytes, dtype_bytes=dtype_bytes, batch=batch,
                             prefill_step=prefill_step, load_bytes=load_bytes).peak <= budget
 
-    if weights_bytes + load_bytes > budget or not fits(0):
+    if not fits(0):  # the load's peak alone is over the budget, or the weights
         return 0
     if fits(MAX_TOKENS):
         return None
@@ -237,8 +237,6 @@ def recommend_config(
         if weights_bytes is None:
             weights_bytes = model_weights_bytes(model_or_config)
         if load_bytes is None:
-            from mlxkv.memory.peak import model_load_bytes
-
             load_bytes = model_load_bytes(model_or_config)
     elif isinstance(model_or_config, ModelLayout):
         layout = model_or_config
