@@ -260,7 +260,7 @@ def run_kld(args: argparse.Namespace) -> int:
         return run_kld_windows(args)
     from mlxkv.eval.corpus import corpus_tokens, load_corpus
     from mlxkv.eval.kld import chunks_per_run, evaluate_kld
-    from mlxkv.report import markdown_table, progress, run_metadata, text_table
+    from mlxkv.report import progress, run_metadata
 
     corpus = load_corpus(args.text)
     specs, reference, model, tokenizer, model_name = _prepare(args)
@@ -274,23 +274,32 @@ def run_kld(args: argparse.Namespace) -> int:
         model=model_name, corpus=corpus.name, tokens=len(tokens), chunk=args.chunk,
         reference=reference.label, configs=[s.label for s in specs],
     )
-    shown = [{**r, "ppl_change_pct": round(100 * r["ppl_change"], 2)} for r in rows]
     about = [
         f"model: {model_name}",
         f"text: {corpus.name}, first {len(tokens)} tokens, fed in chunks of {args.chunk}",
         f"reference: {reference.label} ({reference.description}), perplexity {rows[0]['ppl_ref']:.4g}",
     ]
 
-    def render(markdown: bool) -> str:
-        columns, headers = zip(*KLD_COLUMNS)
-        table = (markdown_table if markdown else text_table)(shown, columns, headers)
-        return _render("mlxkv eval kld", about, table, KLD_NOTES, metadata, markdown)
-
     def plot(path: str) -> None:
         from mlxkv.eval.plot import plot_kld
 
         plot_kld(rows, path, title=f"{os.path.basename(model_name)}, chunks of {args.chunk}\n"
                  f"{len(tokens)} tokens of {corpus.name.split(' (')[0]}")
+
+    return write_kld_outputs(args, rows, metadata, "mlxkv eval kld", about, KLD_COLUMNS, plot)
+
+
+def write_kld_outputs(args: argparse.Namespace, rows: Sequence[dict[str, Any]], metadata: dict[str, Any], title: str,
+                      about: Sequence[str], columns: Sequence[tuple[str, str]], plot: Callable[[str], None]) -> int:
+    """Print a KLD table (perplexity change in %) and write the files asked for: both modes of eval kld."""
+    from mlxkv.report import markdown_table, text_table
+
+    shown = [{**r, "ppl_change_pct": round(100 * r["ppl_change"], 2)} for r in rows]
+
+    def render(markdown: bool) -> str:
+        keys, headers = zip(*columns)
+        table = (markdown_table if markdown else text_table)(shown, keys, headers)
+        return _render(title, about, table, KLD_NOTES, metadata, markdown)
 
     _write_outputs(args, rows, metadata, render, plot)
     return 0

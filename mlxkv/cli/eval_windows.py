@@ -43,10 +43,10 @@ def add_window_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_kld_windows(args: argparse.Namespace) -> int:
-    from mlxkv.cli.eval import KLD_NOTES, _advance_tokens, _prepare, _render, _write_outputs
+    from mlxkv.cli.eval import _advance_tokens, _prepare, write_kld_outputs
     from mlxkv.eval.corpus import corpus_tokens, load_corpus
     from mlxkv.eval.windows import evaluate_windows, schedule, tokens_per_run
-    from mlxkv.report import markdown_table, progress, run_metadata, text_table
+    from mlxkv.report import progress, run_metadata
 
     schedule(args.contexts, args.window)  # a bad --window / --contexts fails before loading
     corpus = load_corpus(args.text)
@@ -62,7 +62,6 @@ def run_kld_windows(args: argparse.Namespace) -> int:
         model=model_name, corpus=corpus.name, contexts=sorted(args.contexts), window=args.window, chunk=args.chunk,
         prefill_chunk=args.prefill_chunk, reference=reference.label, configs=[s.label for s in specs],
     )
-    shown = [{**r, "ppl_change_pct": round(100 * r["ppl_change"], 2)} for r in rows]
     ref_ppl = ", ".join(f"{r['ppl_ref']:.4g} at {r['context']}" for r in rows if r["config"] == rows[0]["config"])
     about = [
         f"model: {model_name}",
@@ -71,16 +70,10 @@ def run_kld_windows(args: argparse.Namespace) -> int:
         f"reference: {reference.label} ({reference.description}), perplexity {ref_ppl}",
     ]
 
-    def render(markdown: bool) -> str:
-        columns, headers = zip(*WINDOW_COLUMNS)
-        table = (markdown_table if markdown else text_table)(shown, columns, headers)
-        return _render("mlxkv eval kld --contexts", about, table, KLD_NOTES, metadata, markdown)
-
     def plot(path: str) -> None:
         from mlxkv.eval.plot import plot_kld_context
 
         plot_kld_context(rows, path, title=f"{os.path.basename(model_name)}: the last {args.window} predictions "
                          f"before each length\n{corpus.name.split(' (')[0]}, chunks of {args.chunk}")
 
-    _write_outputs(args, rows, metadata, render, plot)
-    return 0
+    return write_kld_outputs(args, rows, metadata, "mlxkv eval kld --contexts", about, WINDOW_COLUMNS, plot)
