@@ -5,6 +5,7 @@ the documented reference of kv_reference.py. Test modules import the helpers wit
 
 from __future__ import annotations
 
+import importlib.util
 import tempfile
 from pathlib import Path
 
@@ -170,3 +171,11 @@ def round_trip(cache):
         (restored,) = mlxkv.load_prompt_cache(path)
     assert type(restored) is type(cache)
     return restored
+
+
+def load_script(name: str):
+    """``scripts/<name>.py`` as a module, so a test calls its ``main`` in-process."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script

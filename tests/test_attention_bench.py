@@ -4,17 +4,14 @@ No timing is asserted; speed goals live in BENCHMARKS.md."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 from mlxkv.bench.attention import fill, measure_attention, plain_counterpart
 from mlxkv.bench.runner import resolve_configs
 from mlxkv.config import parse_spec
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "attention_bench.py"
 
 
 @pytest.mark.parametrize("scheme, plain", [
@@ -55,9 +52,7 @@ def test_measure_attention_rows_and_ratios(model):
 
 
 def test_script_writes_json_and_markdown(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("attention_bench", SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("attention_bench")
     out, md = tmp_path / "a.json", tmp_path / "a.md"
     assert script.main(["--contexts", "64", "--layers", "1", "--rounds", "1", "--configs", "q4,q4-rot",
                         "--json", str(out), "--markdown", str(md)]) == 0

@@ -3,17 +3,7 @@ token budget as the tokenizer counts it, and the longest such start."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "long_prompt.py"
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("long_prompt", SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script
+from conftest import load_script
 
 
 def test_excerpt_fits_and_is_the_longest_whole_paragraph_start(real_model_dir, tmp_path, capsys):
@@ -21,7 +11,7 @@ def test_excerpt_fits_and_is_the_longest_whole_paragraph_start(real_model_dir, t
 
     from mlxkv.eval.corpus import bundled_corpus
 
-    script, tokenizer, text = _script(), load_tokenizer(real_model_dir), bundled_corpus().text
+    script, tokenizer, text = load_script("long_prompt"), load_tokenizer(real_model_dir), bundled_corpus().text
     prompt = script.excerpt_prompt(tokenizer, text, 600)
     head = prompt.removesuffix(script.QUESTION)
     assert head != prompt and text.startswith(head) and text[len(head)] == "\n"

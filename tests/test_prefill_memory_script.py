@@ -4,25 +4,17 @@ imports (it once imported helpers cli/bench.py no longer has), reads --model, --
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "prefill_memory_bench.py"
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("prefill_memory_bench", SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script
+from conftest import load_script
 
 
 def test_script_runs_with_model_and_only(real_model_dir, tmp_path):
     out, md = tmp_path / "p.json", tmp_path / "p.md"
-    code = _script().main(["--model", str(real_model_dir), "--contexts", "64,128", "--configs", "q4,mlxlm-fp16",
-                           "--only", "mlxlm-fp16@128", "--steps", "64", "--rounds", "1",
-                           "--json", str(out), "--markdown", str(md)])
+    script = load_script("prefill_memory_bench")
+    code = script.main(["--model", str(real_model_dir), "--contexts", "64,128", "--configs", "q4,mlxlm-fp16",
+                        "--only", "mlxlm-fp16@128", "--steps", "64", "--rounds", "1",
+                        "--json", str(out), "--markdown", str(md)])
     assert code == 0
     rows = json.loads(out.read_text())["rows"]
     assert [(r["config"], r["context"]) for r in rows] == [("q4", 64), ("q4", 128), ("mlxlm-fp16", 128)]
@@ -32,5 +24,5 @@ def test_script_runs_with_model_and_only(real_model_dir, tmp_path):
 
 
 def test_script_rejects_a_bad_only_in_one_line(capsys):
-    assert _script().main(["--only", "q4", "--contexts", "64"]) == 2
+    assert load_script("prefill_memory_bench").main(["--only", "q4", "--contexts", "64"]) == 2
     assert "cannot read --only 'q4'" in capsys.readouterr().err
