@@ -139,8 +139,8 @@ def test_blocks_of_per_channel_keys_are_whole_groups(monkeypatch):
         view, _ = cache.update_and_fetch(mx.ones((1, N_KV, n, HEAD_DIM)), mx.ones((1, N_KV, n, HEAD_DIM)))
     seen = []
     history = view.segments[0]
-    matmul = type(history.key_store).matmul
-    monkeypatch.setattr(type(history.key_store), "matmul",
+    matmul = type(history.key_store).matmul_block
+    monkeypatch.setattr(type(history.key_store), "matmul_block",
                         lambda self, x, parts, transpose: (seen.append(parts[1].shape[-1]), matmul(self, x, parts, transpose))[1])
     q = mx.ones((1, N_KV, 3 * 5, HEAD_DIM))
     mx.eval(online_attention(q, view.segments, 3, block=100))

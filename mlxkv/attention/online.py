@@ -3,8 +3,9 @@ recurrence, written in MLX ops).
 
 Scores of a whole chunk against a whole context (heads x chunk x context floats, and the
 softmax's copies) would make a prefill's memory grow with the context. Here each segment
-is cut into blocks of keys; a block's scores are computed on the packed data as stored
-(``store.matmul``: ``mx.quantized_matmul`` for quantized stores), folded into a running
+is cut into blocks of keys; a block's scores are computed from the packed data as stored
+(``store.matmul_block``: a quantized block is unpacked, one block at a time, and multiplied
+by BLAS, faster than ``mx.quantized_matmul`` for this many rows), folded into a running
 maximum ``m``, sum ``l`` and output ``acc`` per query row, and dropped:
 
     m' = max(m, rowmax(s)),  p = exp(s - m'),  a = exp(m - m')
@@ -88,7 +89,7 @@ def _scores(q: mx.array, seg: Segment, start: int, end: int, n_rep: int) -> mx.a
     B, n_kv_heads, rows, _ = q.shape
     L = rows // n_rep
     keys = _slots(seg.key_store, seg.keys, start, end, seg.length)
-    s = seg.key_store.matmul(q, keys, transpose=True).astype(mx.float32)
+    s = seg.key_store.matmul_block(q, keys, transpose=True).astype(mx.float32)
     mask = _block_mask(seg.mask, L, seg.length, start, end)
     if mask is None:
         return s
@@ -110,7 +111,7 @@ def _after(q: mx.array, previous: list[mx.array]) -> mx.array:
 
 def _times_values(p: mx.array, seg: Segment, start: int, end: int, dtype: mx.Dtype) -> mx.array:
     values = _slots(seg.value_store, seg.values, start, end, seg.length)
-    return seg.value_store.matmul(p.astype(dtype), values, transpose=False).astype(mx.float32)
+    return seg.value_store.matmul_block(p.astype(dtype), values, transpose=False).astype(mx.float32)
 
 
 def online_attention(
