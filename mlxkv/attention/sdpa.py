@@ -1,7 +1,8 @@
 """The one attention function for mlxkv caches: softmax(q k^T) v over packed segments.
 
 Scores and outputs are computed on each segment as stored (``mx.quantized_matmul`` on
-packed data), never on a dequantized copy of the cache; one softmax spans all segments.
+packed data, or one unpacked key block at a time in the blockwise path), never on a
+dequantized copy of the cache; one softmax spans all segments.
 When every score fits one block (``mlxkv.attention.blocks``: a decode step, a short chunk)
 they are computed at once and normalized by one softmax; past that, in key blocks with an
 online softmax (``mlxkv.attention.online``), so that a prompt chunk's scores never exist
