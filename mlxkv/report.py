@@ -174,14 +174,91 @@ def _json_default(value: Any) -> Any:
 
 
 def progress(iterable: Iterable | None = None, total: int | None = None, desc: str | None = None,
-             unit: str = "it", disable: bool | None = None):
-    """A tqdm progress bar on stderr; hidden when stderr is not a terminal unless forced.
-
-    ``disable=None`` lets tqdm decide (off when stderr is not a TTY)."""
+             unit: str = "it", disable: bool | None = None, interval: float = 60.0):
+    """A tqdm progress bar on stderr when it is a terminal; otherwise (a log file, nohup,
+    CI) a plain line every ``interval`` seconds, so a long run's log still says how far it
+    got and how long is left. ``disable=True`` shows nothing; ``False`` forces the bar."""
+    if disable is None and not _is_terminal(sys.stderr):
+        return LineProgress(iterable, total=total, desc=desc, unit=unit, interval=interval)
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, total=total, desc=desc, unit=unit, file=sys.stderr, disable=disable,
+    return tqdm(iterable, total=total, desc=desc, unit=unit, file=sys.stderr, disable=bool(disable),
                 leave=False, dynamic_ncols=True)
+
+
+def _is_terminal(stream: IO[str]) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())
+
+
+class LineProgress:
+    """The part of tqdm's interface the commands use (``update``, ``set_postfix_str``, a
+    context manager, iteration), written as whole lines: ``bench: 3/7 run (43%), 12m05s
+    elapsed, ~16m left, q8 @ 32768``. The first line comes at the first update, then one per
+    ``interval`` seconds, and one at the end."""
+
+    def __init__(self, iterable: Iterable | None = None, total: int | None = None, desc: str | None = None,
+                 unit: str = "it", interval: float = 60.0, file: IO[str] | None = None) -> None:
+        import time
+
+        self._clock = time.monotonic
+        self.iterable, self.total, self.desc, self.unit = iterable, total, desc or "progress", unit
+        self.interval, self.file = interval, file
+        self.n, self.postfix = 0, ""
+        self._start = self._clock()
+        self._last: float | None = None  # when the last line was written
+        self._shown: float | None = None  # the count it showed
+
+    def __enter__(self) -> LineProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __iter__(self) -> Iterator:
+        for item in self.iterable or ():
+            yield item
+            self.update(1)
+
+    def set_postfix_str(self, s: str = "", refresh: bool = True) -> None:
+        self.postfix = s
+
+    def update(self, n: float = 1) -> None:
+        self.n += n
+        now = self._clock()
+        if self._last is None or now - self._last >= self.interval:
+            self._write(now)
+
+    def close(self) -> None:
+        if self._last is not None and self._shown != self.n:
+            self._write(self._clock())
+
+    def line(self, now: float) -> str:
+        elapsed = now - self._start
+        done = f"{self.n:g}/{self.total} {self.unit}" if self.total else f"{self.n:g} {self.unit}"
+        parts = [f"{self.desc}: {done}"]
+        if self.total:
+            parts[0] += f" ({100 * self.n / self.total:.0f}%)"
+        parts.append(f"{_duration(elapsed)} elapsed")
+        if self.total and 0 < self.n < self.total:
+            parts.append(f"~{_duration(elapsed * (self.total - self.n) / self.n)} left")
+        if self.postfix:
+            parts.append(self.postfix)
+        return ", ".join(parts)
+
+    def _write(self, now: float) -> None:
+        self._last, self._shown = now, self.n
+        print(self.line(now), file=self.file or sys.stderr, flush=True)
+
+
+def _duration(seconds: float) -> str:
+    """12m05s, 1h02m, 45s: a time a person reads at a glance."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 def require_pyplot():

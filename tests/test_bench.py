@@ -186,3 +186,16 @@ def test_baselines_follow_bits_and_group_size():
     assert runner.baseline_for(by["mlxlm-q4"].config, specs) is None
     assert runner.fp16_reference(specs) == "fp16"
     assert runner.fp16_reference(specs[4:]) == "mlxlm-fp16"
+
+
+def test_progress_without_a_terminal_is_whole_lines(tiny_cli, capsys):
+    """Under nohup or CI (stderr not a terminal) a long run still says how far it got: whole
+    lines, not tqdm's carriage returns, the first at the first run and one at the end."""
+    assert tiny_cli("--configs", "fp16,q8", "--contexts", "16", "--trials", "1", "--gen-tokens", "1",
+                    "--no-warmup") == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = [line for line in err.splitlines() if line.startswith("bench: ")]
+    assert lines[0].startswith("bench: 1/2 run (50%), ") and "left, fp16 @ 16" in lines[0]
+    assert lines[-1].startswith("bench: 2/2 run (100%), ") and lines[-1].endswith("elapsed, q8 @ 16")
+    assert len(lines) == 2
