@@ -17,7 +17,7 @@ from mlxkv.config import KVConfig
 from mlxkv.errors import UserError
 from mlxkv.loading.tiny import TINY_ARCHS, tiny_config, tiny_model
 from mlxkv.memory.layout import LayerSpec, ModelLayout, layout_from_config, layout_from_model
-from mlxkv.memory.cache_bytes import kv_bytes_per_token, predict_kv_bytes, predict_layer_bytes
+from mlxkv.memory.cache_bytes import kv_bytes_per_token, predict_kv_bytes, predict_layer_bytes, stored_bytes_per_token
 from mlxkv.memory.peak import predict_peak
 from mlxkv.memory.planner import candidate_configs, max_context, plan, recommend, recommend_config
 
@@ -102,6 +102,24 @@ def test_predicted_bytes_equal_nbytes(arch, config_name):
         predicted = predict_layer_bytes(config, layout, chunks=chunks, dtype_bytes=layout.dtype_bytes)
         assert predicted == measured(cache, layout), f"{arch} {config_name} {schedule}"
         assert sum(predicted) > 0
+
+
+@pytest.mark.parametrize("config_name", ["fp16", "q4", "kivi-rot", "kivi-rot-window-layers-16", "q4-window",
+                                         "mlxlm-fp16", "mlxlm-q4"])
+def test_bytes_per_token_is_what_a_long_cache_grows_by(config_name):
+    """On a model with sliding-window layers, bytes per token is what the real caches grow by
+    at long context (the window layers and a max_kv window stop growing), and bits per
+    element still counts every layer's stored precision."""
+    model, config = model_for("gemma3_text"), CONFIGS[config_name]
+    layout = layout_from_model(model)
+    cache = mlxkv.make_kv_cache(model, config)
+    run_chunks(model, cache, [256] * 2)
+    before = sum(measured(cache, layout))
+    run_chunks(model, cache, [256] * 2)
+    grown = sum(measured(cache, layout)) - before
+    assert kv_bytes_per_token(config, layout, layout.dtype_bytes) * 512 == grown
+    assert any(spec.window for spec in layout.attention_layers)
+    assert stored_bytes_per_token(config, layout, layout.dtype_bytes) > kv_bytes_per_token(config, layout, layout.dtype_bytes)
 
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.float16])

@@ -203,6 +203,10 @@ def _notes(layout: Any, context: int, dtype: str, cpu: bool) -> list[str]:
     trained = layout.max_position_embeddings
     if trained and context > trained:
         notes.append(f"the target context ({context:,}) exceeds the model's trained context ({trained:,})")
+    n_window = sum(layer.window is not None for layer in layout.attention_layers)
+    if n_window:
+        notes.append(f"bytes/token is what each new token adds at long context: the {n_window} sliding-window "
+                     "layers stop growing at their window (bits/elem counts every layer)")
     if len(layout.attention_layers) < len(layout.layers):
         notes.append("layers without a KV cache (recurrent or convolution state) keep a constant state, not counted")
     if cpu and dtype != "float32":

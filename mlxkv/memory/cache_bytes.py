@@ -74,6 +74,11 @@ class LayerBytes:
         return self._rate(len(self.config.stages) - 1)
 
     @property
+    def bounded(self) -> bool:
+        """The cache stops growing (a model's sliding window, a ``max_kv`` window, H2O)."""
+        return self.mirror.bounded if self.book is None else self._capacity is not None
+
+    @property
     def allocated_bytes(self) -> int:
         if self.book is None:
             return self.mirror.allocated_bytes
@@ -101,9 +106,19 @@ def _for_layer(config: KVConfig, i: int, specs: Sequence[LayerSpec | None]) -> K
 
 
 def kv_bytes_per_token(config: KVConfig | str, layers: Layers, dtype_bytes: int = FP16_BYTES, batch: int = 1) -> int:
-    """Bytes each new token adds to the cache (all layers, keys and values), once stored (the
-    asymptotic rate: the 16-bit tiers and growth slack are bounded extras).
-    Llama-3-8B: fp16 131,072; 4-bit g64 36,864."""
+    """Bytes each new token adds to the cache at long context (all layers, keys and values):
+    the layers that keep growing, at their stored precision; bounded caches (a model's
+    sliding-window layers, a ``max_kv`` window) add nothing once full, so a cache bounded
+    everywhere adds 0. The 16-bit tiers and growth slack are bounded extras.
+    Llama-3-8B: fp16 131,072; 4-bit g64 36,864. Gemma 3 270M fp16: 3,072 (3 of 18 layers grow)."""
+    return sum(c.bytes_per_token for c in layer_bytes(config, layers, dtype_bytes, batch)
+               if c is not None and not c.bounded)
+
+
+def stored_bytes_per_token(config: KVConfig | str, layers: Layers, dtype_bytes: int = FP16_BYTES,
+                           batch: int = 1) -> int:
+    """Bytes one token takes once stored in every layer, bounded or not: the precision
+    (bits per element) of the cache, whatever its length."""
     return sum(c.bytes_per_token for c in layer_bytes(config, layers, dtype_bytes, batch) if c is not None)
 
 

@@ -22,6 +22,7 @@ class CacheMirror:
 
     bytes_per_token: int  # bytes per stored token (all heads, keys and values)
     slots: int  # tokens the buffers have room for
+    bounded = False  # stops growing at a fixed number of tokens
 
     def feed(self, n: int) -> None:
         raise NotImplementedError
@@ -74,6 +75,8 @@ class MlxLmMirror(CacheMirror):
 class RotatingMirror(CacheMirror):
     """mlx-lm's ``RotatingKVCache``: grows by steps to ``max_size`` one token at a time; a
     multi-token chunk is concatenated, briefly holding up to ``max_size + chunk - 1``."""
+
+    bounded = True
 
     def __init__(self, layer: LayerSpec, dtype_bytes: int, batch: int, max_size: int, keep: int) -> None:
         self.bytes_per_token = layer.kv_heads * batch * (layer.key_dim + layer.value_dim) * dtype_bytes

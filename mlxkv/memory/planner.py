@@ -16,7 +16,7 @@ from typing import Any
 
 from mlxkv.config import KVConfig
 from mlxkv.errors import UserError
-from mlxkv.memory.cache_bytes import FP16_BYTES, kv_bytes_per_token
+from mlxkv.memory.cache_bytes import FP16_BYTES, kv_bytes_per_token, stored_bytes_per_token
 from mlxkv.memory.layout import ModelLayout
 from mlxkv.memory.peak import model_load_bytes, predict_peak
 from mlxkv.stepping import DEFAULT_PREFILL_STEP_SIZE
@@ -32,7 +32,9 @@ MAX_TOKENS = 2**40
 class PlanRow:
     """One KV configuration at the target context. ``total_bytes``: weights + KV;
     ``peak_bytes``: the run's predicted peak (``mlxkv.memory.peak``), what ``fits`` compares
-    with the budget. ``max_context`` None: unbounded (windows)."""
+    with the budget. ``max_context`` None: unbounded (windows). ``kv_bytes_per_token``: what
+    a new token adds at long context (bounded layers add nothing once full);
+    ``bits_per_element``: the stored precision over every layer."""
 
     config: str
     description: str
@@ -101,7 +103,7 @@ def plan(layout: ModelLayout, context: int, budget: int, weights_bytes: int,
         rows.append(PlanRow(
             config=name,
             description=config.describe(),
-            bits_per_element=round(8 * per_token / elements, 3),
+            bits_per_element=round(8 * stored_bytes_per_token(config, layout, dtype_bytes, batch) / elements, 3),
             kv_bytes_per_token=per_token,
             kv_bytes=kv,
             weights_bytes=weights_bytes,
