@@ -14,7 +14,8 @@ import math
 import os
 import sys
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -178,8 +179,13 @@ def progress(iterable: Iterable | None = None, total: int | None = None, desc: s
     """A tqdm progress bar on stderr when it is a terminal; otherwise (a log file, nohup,
     CI) a plain line every ``interval`` seconds, so a long run's log still says how far it
     got and how long is left. ``disable=True`` shows nothing; ``False`` forces the bar."""
-    if disable is None and not _is_terminal(sys.stderr):
-        return LineProgress(iterable, total=total, desc=desc, unit=unit, interval=interval)
+    if disable is None:
+        from mlxkv.distributed import is_main
+
+        if not is_main():  # under mlx.launch rank 0 reports for all
+            disable = True
+        elif not _is_terminal(sys.stderr):
+            return LineProgress(iterable, total=total, desc=desc, unit=unit, interval=interval)
     from tqdm.auto import tqdm
 
     return tqdm(iterable, total=total, desc=desc, unit=unit, file=sys.stderr, disable=bool(disable),
@@ -198,10 +204,11 @@ class LineProgress:
     ``interval`` seconds, and one at the end."""
 
     def __init__(self, iterable: Iterable | None = None, total: int | None = None, desc: str | None = None,
-                 unit: str = "it", interval: float = 60.0, file: IO[str] | None = None) -> None:
-        import time
-
-        self._clock = time.monotonic
+                 unit: str = "it", interval: float = 60.0, file: IO[str] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        if total is None and iterable is not None and hasattr(iterable, "__len__"):
+            total = len(iterable)  # as tqdm does
         self.iterable, self.total, self.desc, self.unit = iterable, total, desc or "progress", unit
         self.interval, self.file = interval, file
         self.n, self.postfix = 0, ""
@@ -216,9 +223,12 @@ class LineProgress:
         self.close()
 
     def __iter__(self) -> Iterator:
-        for item in self.iterable or ():
-            yield item
-            self.update(1)
+        try:
+            for item in self.iterable or ():
+                yield item
+                self.update(1)
+        finally:
+            self.close()
 
     def set_postfix_str(self, s: str = "", refresh: bool = True) -> None:
         self.postfix = s
@@ -235,7 +245,7 @@ class LineProgress:
 
     def line(self, now: float) -> str:
         elapsed = now - self._start
-        done = f"{self.n:g}/{self.total} {self.unit}" if self.total else f"{self.n:g} {self.unit}"
+        done = f"{self.n:,.0f}/{self.total:,} {self.unit}" if self.total else f"{self.n:,.0f} {self.unit}"
         parts = [f"{self.desc}: {done}"]
         if self.total:
             parts[0] += f" ({100 * self.n / self.total:.0f}%)"

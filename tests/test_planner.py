@@ -105,7 +105,7 @@ def test_predicted_bytes_equal_nbytes(arch, config_name):
 
 
 @pytest.mark.parametrize("config_name", ["fp16", "q4", "kivi-rot", "kivi-rot-window-layers-16", "q4-window",
-                                         "mlxlm-fp16", "mlxlm-q4"])
+                                         "fp16-window", "h2o", "q4-h2o", "mlxlm-fp16", "mlxlm-q4", "mlxlm-window"])
 def test_bytes_per_token_is_what_a_long_cache_grows_by(config_name):
     """On a model with sliding-window layers, bytes per token is what the real caches grow by
     at long context (the window layers and a max_kv window stop growing), and bits per
@@ -120,6 +120,11 @@ def test_bytes_per_token_is_what_a_long_cache_grows_by(config_name):
     assert kv_bytes_per_token(config, layout, layout.dtype_bytes) * 512 == grown
     assert any(spec.window for spec in layout.attention_layers)
     assert stored_bytes_per_token(config, layout, layout.dtype_bytes) > kv_bytes_per_token(config, layout, layout.dtype_bytes)
+    if config_name in ("fp16", "mlxlm-fp16"):  # every layer's elements at the model's dtype, as the plan's bits
+        elements = sum(spec.elements_per_token for spec in layout.attention_layers)
+        assert stored_bytes_per_token(config, layout, layout.dtype_bytes) == elements * layout.dtype_bytes
+        row, = plan(layout, 1024, 10**12, 0, {config_name: config}, dtype_bytes=layout.dtype_bytes)
+        assert row.bits_per_element == 8 * layout.dtype_bytes
 
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.float16])

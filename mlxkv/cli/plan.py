@@ -149,6 +149,8 @@ def run(args: argparse.Namespace) -> int:
                 args.prefill_step_size, load)
     choice = recommend(rows, memory.recommended, context)
     notes = _notes(layout, context, args.dtype, is_cpu())
+    if any(r.kv_bytes_per_token == 0 for r in rows):
+        notes.append("a window (max_kv, H2O) stops growing once full: bytes/token 0, max context unbounded")
     notes += [f"skipped {name}: {why}" for name, why in {**invalid, **skipped}.items()]
 
     if args.json is not None:
