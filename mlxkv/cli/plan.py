@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -148,9 +149,7 @@ def run(args: argparse.Namespace) -> int:
     rows = plan(layout, context, memory.recommended, weights, configs, dtype_bytes, args.batch,
                 args.prefill_step_size, load)
     choice = recommend(rows, memory.recommended, context)
-    notes = _notes(layout, context, args.dtype, is_cpu())
-    if any(r.kv_bytes_per_token == 0 for r in rows):
-        notes.append("a window (max_kv, H2O) stops growing once full: bytes/token 0, max context unbounded")
+    notes = _notes(layout, rows, context, args.dtype, is_cpu())
     notes += [f"skipped {name}: {why}" for name, why in {**invalid, **skipped}.items()]
 
     if args.json is not None:
@@ -198,7 +197,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _notes(layout: Any, context: int, dtype: str, cpu: bool) -> list[str]:
+def _notes(layout: Any, rows: Sequence[Any], context: int, dtype: str, cpu: bool) -> list[str]:
     notes = ["KV bytes include the growth slack (caches grow 256 tokens at a time); the peak adds the "
              "largest prefill step's attention and activations, or the load's own peak, and is what must "
              "fit (see MEMORY.md)"]
@@ -209,6 +208,8 @@ def _notes(layout: Any, context: int, dtype: str, cpu: bool) -> list[str]:
     if n_window:
         notes.append(f"bytes/token is what each new token adds at long context: the {n_window} sliding-window "
                      "layers stop growing at their window (bits/elem counts every layer)")
+    if any(r.kv_bytes_per_token == 0 for r in rows):
+        notes.append("a window (max_kv, H2O) stops growing once full: bytes/token 0, max context unbounded")
     if len(layout.attention_layers) < len(layout.layers):
         notes.append("layers without a KV cache (recurrent or convolution state) keep a constant state, not counted")
     if cpu and dtype != "float32":
